@@ -1,0 +1,94 @@
+"""Priority classes and how a request's priority becomes vLLM's ``priority`` field.
+
+People think "higher is more important"; vLLM runs LOWER values first. Everything in the
+gateway (config, headers, logs) uses the human scale, and :func:`to_vllm_priority` is the one
+place that flips the sign.
+
+The human scale is measured in seconds of head start. A class's ``head_start_s`` is how far
+ahead in the queue a request of that class starts, and every second a request waits adds one
+point. So a ``batch`` request (head start 10) that has waited 31 s outranks a ``realtime``
+request (head start 40) that just arrived: aging is a bounded head start, and no class can
+starve another for longer than the gap between their head starts.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+#: Class names, most important first. The order is part of the public contract.
+CLASS_NAMES: tuple[str, ...] = ("realtime", "interactive", "standard", "batch", "background")
+
+
+@dataclass(frozen=True, slots=True)
+class ClassPolicy:
+    """How one priority class is queued and dispatched.
+
+    ``rank`` 0 is the most important class. ``reserve`` is the fraction of each upstream's
+    dispatch window this class must leave free for more important classes (its headroom).
+    ``max_queued`` bounds how many requests of this class may wait in the gateway.
+    """
+
+    name: str
+    rank: int
+    head_start_s: float
+    reserve: float
+    max_queued: int
+
+    def reserved_slots(self, window: int) -> int:
+        """Slots of a ``window``-wide upstream this class may not use.
+
+        Rounded up so a small window still keeps headroom, but never the whole window: a
+        class that could use no slot at all would starve.
+        """
+        return min(math.ceil(self.reserve * window - 1e-9), max(window - 1, 0))
+
+
+DEFAULT_POLICIES: tuple[ClassPolicy, ...] = (
+    ClassPolicy("realtime", 0, head_start_s=40.0, reserve=0.0, max_queued=64),
+    ClassPolicy("interactive", 1, head_start_s=30.0, reserve=0.1, max_queued=64),
+    ClassPolicy("standard", 2, head_start_s=20.0, reserve=0.2, max_queued=128),
+    ClassPolicy("batch", 3, head_start_s=10.0, reserve=0.3, max_queued=256),
+    ClassPolicy("background", 4, head_start_s=0.0, reserve=0.4, max_queued=256),
+)
+
+
+class ClassTable:
+    """The configured classes, looked up by name, in rank order."""
+
+    def __init__(self, policies: Iterable[ClassPolicy]) -> None:
+        ordered = sorted(policies, key=lambda p: p.rank)
+        self._by_name: Mapping[str, ClassPolicy] = {p.name: p for p in ordered}
+        self.ordered: tuple[ClassPolicy, ...] = tuple(ordered)
+        self.top_head_start_s = max(p.head_start_s for p in ordered)
+
+    def __getitem__(self, name: str) -> ClassPolicy:
+        return self._by_name[name]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._by_name
+
+    def names(self) -> tuple[str, ...]:
+        return tuple(self._by_name)
+
+    def lowered(self, base: ClassPolicy, requested: str | None) -> ClassPolicy:
+        """The class a request runs at when its caller asks for ``requested``.
+
+        A caller may lower its request's class, never raise it: asking for a more important
+        class than the task's silently keeps the task's class. Unknown names raise KeyError.
+        """
+        if requested is None:
+            return base
+        wanted = self._by_name[requested]
+        return wanted if wanted.rank > base.rank else base
+
+
+def effective_priority(policy: ClassPolicy, waited_s: float) -> float:
+    """Human-scale priority after waiting ``waited_s`` seconds (higher is more important)."""
+    return policy.head_start_s + max(waited_s, 0.0)
+
+
+def to_vllm_priority(effective: float) -> int:
+    """vLLM's ``priority`` field for a human-scale priority: vLLM serves LOWER values first."""
+    return -round(effective)

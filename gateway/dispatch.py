@@ -1,0 +1,123 @@
+"""The asyncio side of the scheduler: park a request until the scheduler releases it.
+
+The scheduler decides; this module only turns its decisions into woken futures, answers the
+requests it expired or shed, and keeps one timer armed for the next queue deadline. Its
+clock is the event loop's, so scheduler times and timer times agree.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from gateway.errors import DeadlineExceeded, GatewayError, RateLimited, ServiceUnavailable
+from gateway.metrics import Metrics
+from gateway.scheduler import Dispatch, Expiry, Rejected, Scheduler, State, Ticket
+
+
+class Dispatcher:
+    """Owns the scheduler for one event loop. Build it inside the running loop."""
+
+    def __init__(self, scheduler: Scheduler, metrics: Metrics) -> None:
+        self.scheduler = scheduler
+        self._metrics = metrics
+        self._loop = asyncio.get_running_loop()
+        self._waiters: dict[Ticket, asyncio.Future[None]] = {}
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at: float | None = None
+
+    def now(self) -> float:
+        return self._loop.time()
+
+    async def acquire(self, ticket: Ticket) -> None:
+        """Wait until ``ticket`` is dispatched to an upstream (``ticket.upstream``).
+
+        Raises RateLimited when it is not admitted, ServiceUnavailable when it is shed for
+        a more important request, DeadlineExceeded when its time runs out in the queue. If
+        the caller is cancelled (client gone) the ticket leaves the queue or its slot.
+        """
+        admission = self.scheduler.admit(ticket, self.now())
+        if isinstance(admission, Rejected):
+            self._metrics.rejections.labels(ticket.policy.name, admission.reason).inc()
+            raise RateLimited(
+                f"{admission.message}; retry after {admission.retry_after_s} s",
+                code=admission.reason,
+                retry_after_s=admission.retry_after_s,
+            )
+        for victim in admission.shed:
+            self._shed(victim)
+        waiter = self._loop.create_future()
+        self._waiters[ticket] = waiter
+        self._pump()
+        try:
+            await waiter
+        except asyncio.CancelledError:
+            self._waiters.pop(ticket, None)
+            if ticket.state is State.QUEUED:
+                self.scheduler.withdraw(ticket)
+            elif ticket.state is State.DISPATCHED:  # released and cancelled in the same tick
+                self.release(ticket)
+            raise
+
+    def release(self, ticket: Ticket) -> None:
+        """A dispatched request is finished, whatever its outcome: free its slot."""
+        if ticket.state is State.DISPATCHED:
+            self.scheduler.release(ticket, self.now())
+            self._pump()
+
+    def kick(self) -> None:
+        """Re-run dispatch after something outside changed (a window grew, an upstream came up)."""
+        self._pump()
+
+    def _pump(self) -> None:
+        for item in self.scheduler.dispatch(self.now()):
+            if isinstance(item, Dispatch):
+                if item.ticket.boosted:
+                    self._metrics.boosts.labels(item.ticket.policy.name).inc()
+                self._resolve(item.ticket, None)
+            else:
+                self._expire(item)
+        self._arm_timer()
+
+    def _expire(self, expiry: Expiry) -> None:
+        ticket = expiry.ticket
+        self._metrics.deadline_exceeded.labels(ticket.task, expiry.stage).inc()
+        if expiry.stage == "queue":
+            message = "the request waited in the queue past its deadline"
+        else:
+            message = "too little of the request's deadline was left to start it upstream"
+        self._resolve(ticket, DeadlineExceeded(message, stage=expiry.stage))
+
+    def _shed(self, ticket: Ticket) -> None:
+        self._metrics.shed.labels(ticket.policy.name).inc()
+        self._metrics.rejections.labels(ticket.policy.name, "shed").inc()
+        retry = self.scheduler.retry_after(ticket.policy, self.now())
+        self._resolve(
+            ticket,
+            ServiceUnavailable(
+                "the request was shed from the queue to make room for more important work",
+                code="shed",
+                headers={"Retry-After": str(retry)},
+            ),
+        )
+
+    def _resolve(self, ticket: Ticket, error: GatewayError | None) -> None:
+        waiter = self._waiters.pop(ticket, None)
+        if waiter is None or waiter.done():
+            return
+        if error is None:
+            waiter.set_result(None)
+        else:
+            waiter.set_exception(error)
+
+    def _arm_timer(self) -> None:
+        at = self.scheduler.next_expiry()
+        if at == self._timer_at:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_at = at
+        self._timer = None if at is None else self._loop.call_at(at, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = self._timer_at = None
+        self._pump()

@@ -1,0 +1,107 @@
+"""The long-lived parts of one gateway, built in the app's lifespan and passed down.
+
+Nothing here is global: tests build as many runtimes as they need. The task table is the one
+part that changes while running (SIGHUP); handlers read ``runtime.config`` once per request,
+so a request keeps the table it started with while new ones see the new table.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from functools import partial
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from prometheus_client import CollectorRegistry
+
+from gateway.config import Config, ConfigError, load_config
+from gateway.dispatch import Dispatcher
+from gateway.metrics import Metrics
+from gateway.scheduler import Scheduler, Window
+from gateway.settings import Settings
+from gateway.upstream import Limits, Timeouts, UpstreamClient
+from gateway.upstreams import Upstream, Upstreams, upstream_name
+
+log = logging.getLogger("gateway")
+
+
+class Ewma:
+    """Exponentially weighted averages by key, e.g. each task's time to first token."""
+
+    def __init__(self, alpha: float = 0.2) -> None:
+        self._alpha = alpha
+        self._values: dict[str, float] = {}
+
+    def observe(self, key: str, value: float) -> None:
+        old = self._values.get(key)
+        self._values[key] = value if old is None else old + self._alpha * (value - old)
+
+    def get(self, key: str, default: float = 0.0) -> float:
+        return self._values.get(key, default)
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    config: Config
+    metrics: Metrics
+    scheduler: Scheduler
+    dispatcher: Dispatcher
+    client: UpstreamClient
+    upstreams: Upstreams
+    ttft: Ewma = field(default_factory=Ewma)
+
+    def reload(self, path: Path | None) -> bool:
+        """Swap in a new task table; keep the old one (and say why) if the new one is invalid."""
+        try:
+            config = load_config(path)
+        except ConfigError as exc:
+            log.error("task table reload refused, keeping the old one: %s", exc)
+            return False
+        self.config = config
+        self.scheduler.reconfigure(config.classes, config.max_queued)
+        self.metrics.preinitialise(
+            ((t.name, t.priority_class) for t in config.tasks.values()),
+            config.classes.names(),
+            self.upstreams.by_name,
+        )
+        self.dispatcher.kick()
+        log.info("task table reloaded: %s", ", ".join(config.task_names()))
+        return True
+
+
+def build_runtime(settings: Settings, config: Config, registry: CollectorRegistry) -> Runtime:
+    """Assemble a runtime. Call inside the running event loop (the client and timers need it)."""
+    client = UpstreamClient(
+        Timeouts(connect=settings.connect_timeout_s, read_gap=settings.read_timeout_s), Limits()
+    )
+    names = [upstream_name(url) for url in settings.upstreams]
+    metrics = Metrics(
+        registry,
+        ((t.name, t.priority_class) for t in config.tasks.values()),
+        config.classes.names(),
+        names,
+    )
+    windows = [Window(name, settings.window, usable=False) for name in names]
+    scheduler = Scheduler(config.classes, config.max_queued, windows)
+    dispatcher = Dispatcher(scheduler, metrics)
+
+    def on_change(upstream: Upstream) -> None:
+        scheduler.windows[upstream.name].usable = upstream.up
+        metrics.upstream_up.labels(upstream.name).set(1 if upstream.up else 0)
+        dispatcher.kick()
+
+    upstreams = Upstreams(settings.upstreams, client, on_change, settings.health_interval_s)
+    for pclass in config.classes.names():
+        metrics.watch_queue(pclass, partial(scheduler.depth, pclass))
+    for window in windows:
+        metrics.watch_inflight(window.name, partial(getattr, window, "inflight"))
+    return Runtime(settings, config, metrics, scheduler, dispatcher, client, upstreams)
+
+
+async def close_runtime(runtime: Runtime, health: asyncio.Task[None] | None) -> None:
+    if health is not None:
+        health.cancel()
+        await asyncio.gather(health, return_exceptions=True)
+    await runtime.client.close()

@@ -1,0 +1,376 @@
+"""The scheduling core: who waits, who goes next, to which upstream, and who is turned away.
+
+Pure logic with an explicit clock (every method takes ``now``), so it is tested without
+sleeps or sockets. The asyncio glue that wakes waiting requests lives in
+:mod:`gateway.dispatch`.
+
+Model, in one paragraph: every admitted request gets a *key* = arrival time minus its class's
+head start; the smallest key goes first (so a request's effective priority is its head start
+plus the time it has waited, and aging needs no timers). Each upstream has a *window* of
+in-flight slots; a class must leave its *reserve* of the window free for more important
+classes, except a request that has aged to the top priority, which may use any slot (this
+is what makes the wait bound hold under realtime saturation). Queues are bounded per class
+and overall; when the overall bound is hit, a more important arrival evicts (sheds) the
+newest request of the least important class below it. A request whose queue deadline
+passes, or whose remaining budget falls below what it needs, expires without ever being
+sent upstream.
+"""
+
+from __future__ import annotations
+
+import bisect
+import heapq
+import itertools
+import math
+from collections import deque
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from enum import Enum
+
+from gateway.classes import ClassPolicy, ClassTable, effective_priority
+
+
+class State(Enum):
+    NEW = "new"
+    QUEUED = "queued"
+    DISPATCHED = "dispatched"
+    DONE = "done"
+    EXPIRED = "expired"
+    SHED = "shed"
+    WITHDRAWN = "withdrawn"
+
+
+@dataclass(eq=False, slots=True)
+class Ticket:
+    """One request's place in the scheduler. Identity matters: tickets compare by ``is``.
+
+    ``need_s`` is the least time the request needs before its deadline to be worth sending
+    (e.g. the task's observed time to first token); once less than that remains it expires.
+    """
+
+    task: str
+    policy: ClassPolicy
+    arrival: float
+    queue_deadline: float
+    deadline: float
+    need_s: float = 0.0
+    tenant: str = ""
+    state: State = State.NEW
+    seq: int = -1
+    upstream: str | None = None
+    dispatched_at: float | None = None
+    effective_priority: float = 0.0
+    boosted: bool = False
+
+    @property
+    def key(self) -> float:
+        """Queue order: smaller goes first. Equal to ``now - effective_priority(now)``."""
+        return self.arrival - self.policy.head_start_s
+
+    @property
+    def expires_at(self) -> float:
+        return min(self.queue_deadline, self.deadline - self.need_s)
+
+    @property
+    def expiry_stage(self) -> str:
+        """Why it expired: its queue deadline, or too little budget left to be worth sending."""
+        return "queue" if self.queue_deadline <= self.deadline - self.need_s else "dispatch"
+
+
+@dataclass(frozen=True, slots=True)
+class Admitted:
+    """The ticket is queued. ``shed`` lists queued tickets evicted to make room for it."""
+
+    shed: tuple[Ticket, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Rejected:
+    """The ticket was not queued. ``reason`` is a bounded metric label."""
+
+    reason: str
+    message: str
+    retry_after_s: int
+
+
+@dataclass(frozen=True, slots=True)
+class Dispatch:
+    """A ticket released to ``ticket.upstream`` at ``ticket.effective_priority``."""
+
+    ticket: Ticket
+
+
+@dataclass(frozen=True, slots=True)
+class Expiry:
+    """A ticket that left the queue without being sent: its deadline or budget ran out."""
+
+    ticket: Ticket
+    stage: str
+
+
+@dataclass(slots=True)
+class Window:
+    """One upstream's dispatch window.
+
+    ``external`` is the load the upstream itself reports (running + waiting, scraped from
+    its metrics); with several gateways sharing an upstream it can exceed our own count.
+    """
+
+    name: str
+    size: int
+    inflight: int = 0
+    external: int = 0
+    usable: bool = True
+
+    @property
+    def occupied(self) -> int:
+        return max(self.inflight, self.external)
+
+    def has_room(self, reserved: int) -> bool:
+        return self.usable and self.occupied < self.size - reserved
+
+
+class ClassQueue:
+    """The waiting tickets of one class, in key order (arrival order within a class)."""
+
+    def __init__(self) -> None:
+        self._items: list[tuple[float, int, Ticket]] = []
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __iter__(self) -> Iterator[Ticket]:
+        return (item[2] for item in self._items)
+
+    def push(self, ticket: Ticket) -> None:
+        bisect.insort(self._items, (ticket.key, ticket.seq, ticket), key=lambda i: i[:2])
+
+    def head(self) -> Ticket | None:
+        return self._items[0][2] if self._items else None
+
+    def newest(self) -> Ticket | None:
+        return self._items[-1][2] if self._items else None
+
+    def remove(self, ticket: Ticket) -> None:
+        index = bisect.bisect_left(self._items, (ticket.key, ticket.seq), key=lambda i: i[:2])
+        assert self._items[index][2] is ticket, "ticket not in its class queue"
+        del self._items[index]
+
+    def count_before(self, key: float) -> int:
+        """How many queued tickets would go before a new ticket with this key."""
+        return bisect.bisect_right(self._items, key, key=lambda i: i[0])
+
+
+class DrainRate:
+    """Completions per second over a sliding horizon: the basis for Retry-After and waits."""
+
+    def __init__(self, horizon_s: float = 30.0) -> None:
+        self._horizon_s = horizon_s
+        self._times: deque[float] = deque()
+        self._since: float | None = None
+
+    def record(self, now: float) -> None:
+        if self._since is None:
+            self._since = now
+        self._times.append(now)
+        self._trim(now)
+
+    def per_second(self, now: float) -> float | None:
+        """None until something has completed: no basis for an estimate yet."""
+        if self._since is None:
+            return None
+        self._trim(now)
+        span = min(self._horizon_s, max(now - self._since, 1.0))
+        return len(self._times) / span if self._times else None
+
+    def _trim(self, now: float) -> None:
+        while self._times and self._times[0] < now - self._horizon_s:
+            self._times.popleft()
+
+
+class Scheduler:
+    """The gateway's queue and dispatch windows. Not thread-safe: one event loop owns it."""
+
+    def __init__(self, classes: ClassTable, max_queued: int, windows: Iterable[Window]) -> None:
+        self.classes = classes
+        self.max_queued = max_queued
+        self.windows: dict[str, Window] = {w.name: w for w in windows}
+        if not self.windows:
+            raise ValueError("a scheduler needs at least one upstream window")
+        self._queues: dict[str, ClassQueue] = {p.name: ClassQueue() for p in classes.ordered}
+        self._expiries: list[tuple[float, int, Ticket]] = []
+        self._seq = itertools.count()
+        self._queued = 0
+        self.drain = DrainRate()
+
+    # -- configuration ---------------------------------------------------------------
+
+    def reconfigure(self, classes: ClassTable, max_queued: int) -> None:
+        """Take new class policies. Queued tickets keep the policy they were admitted with."""
+        self.classes, self.max_queued = classes, max_queued
+
+    # -- observation -----------------------------------------------------------------
+
+    def depth(self, class_name: str) -> int:
+        return len(self._queues[class_name])
+
+    @property
+    def queued(self) -> int:
+        return self._queued
+
+    def waiting(self) -> Iterator[Ticket]:
+        for queue in self._queues.values():
+            yield from queue
+
+    def predicted_wait(self, policy: ClassPolicy, now: float) -> float:
+        """Seconds a request of this class arriving now would probably wait (0 if it fits)."""
+        if any(w.has_room(policy.reserved_slots(w.size)) for w in self.windows.values()):
+            return 0.0
+        rate = self.drain.per_second(now)
+        if rate is None:
+            return 0.0  # nothing has completed yet: no evidence of overload
+        key = now - policy.head_start_s
+        ahead = sum(q.count_before(key) for q in self._queues.values())
+        return (ahead + 1) / rate
+
+    def retry_after(self, policy: ClassPolicy, now: float) -> int:
+        """Whole seconds until a request of this class would likely be admitted again."""
+        rate = self.drain.per_second(now)
+        if rate is None:
+            return 1
+        backlog = sum(q.count_before(now - policy.head_start_s) for q in self._queues.values())
+        return min(max(math.ceil((backlog + 1) / rate), 1), 60)
+
+    # -- admission -------------------------------------------------------------------
+
+    def admit(self, ticket: Ticket, now: float) -> Admitted | Rejected:
+        policy = ticket.policy
+        queue = self._queues[policy.name]
+        if len(queue) >= policy.max_queued:
+            return Rejected(
+                "class_queue_full",
+                f"the {policy.name} queue is full ({policy.max_queued} waiting)",
+                self.retry_after(policy, now),
+            )
+        shed: tuple[Ticket, ...] = ()
+        if self._queued >= self.max_queued:
+            victim = self._shed_candidate(policy)
+            if victim is None:
+                return Rejected(
+                    "queue_full",
+                    f"the gateway queue is full ({self.max_queued} waiting)",
+                    self.retry_after(policy, now),
+                )
+            self._remove(victim, State.SHED)
+            shed = (victim,)
+        ticket.seq = next(self._seq)
+        ticket.state = State.QUEUED
+        queue.push(ticket)
+        self._queued += 1
+        heapq.heappush(self._expiries, (ticket.expires_at, ticket.seq, ticket))
+        return Admitted(shed)
+
+    def _shed_candidate(self, arriving: ClassPolicy) -> Ticket | None:
+        """The newest request of the least important class below the arriving one."""
+        for policy in reversed(self.classes.ordered):
+            if policy.rank <= arriving.rank:
+                return None
+            newest = self._queues[policy.name].newest()
+            if newest is not None:
+                return newest
+        return None
+
+    def withdraw(self, ticket: Ticket) -> None:
+        """The client gave up while queued: forget the ticket."""
+        if ticket.state is State.QUEUED:
+            self._remove(ticket, State.WITHDRAWN)
+
+    def _remove(self, ticket: Ticket, state: State) -> None:
+        self._queues[ticket.policy.name].remove(ticket)
+        self._queued -= 1
+        ticket.state = state
+
+    # -- time ------------------------------------------------------------------------
+
+    def expire(self, now: float) -> list[Expiry]:
+        """Remove and return queued tickets whose time ran out."""
+        expired = []
+        while self._expiries and self._expiries[0][0] <= now:
+            _, _, ticket = heapq.heappop(self._expiries)
+            if ticket.state is State.QUEUED:
+                self._remove(ticket, State.EXPIRED)
+                expired.append(Expiry(ticket, ticket.expiry_stage))
+        return expired
+
+    def next_expiry(self) -> float | None:
+        """When :meth:`expire` next has something to do, if ever."""
+        while self._expiries and self._expiries[0][2].state is not State.QUEUED:
+            heapq.heappop(self._expiries)
+        return self._expiries[0][0] if self._expiries else None
+
+    # -- dispatch --------------------------------------------------------------------
+
+    def dispatch(self, now: float) -> list[Dispatch | Expiry]:
+        """Release every ticket that fits into a window now, best key first.
+
+        Also returns tickets found expired on the way, so the caller can answer them.
+        """
+        released: list[Dispatch | Expiry] = list(self.expire(now))
+        while (picked := self._pick(now)) is not None:
+            ticket, window = picked
+            self._remove(ticket, State.DISPATCHED)
+            ticket.upstream, ticket.dispatched_at = window.name, now
+            ticket.effective_priority = effective_priority(ticket.policy, now - ticket.arrival)
+            # Aging mattered iff a more important request is still waiting: with headroom
+            # non-decreasing by rank, that request would have fit wherever this one did.
+            ticket.boosted = any(
+                len(self._queues[p.name]) > 0 for p in self.classes.ordered[: ticket.policy.rank]
+            )
+            window.inflight += 1
+            released.append(Dispatch(ticket))
+        return released
+
+    def _pick(self, now: float) -> tuple[Ticket, Window] | None:
+        heads = [t for q in self._queues.values() if (t := q.head()) is not None]
+        for ticket in sorted(heads, key=lambda t: (t.key, t.seq)):
+            window = self._window_for(ticket, now)
+            if window is not None:
+                return ticket, window
+        return None
+
+    def _window_for(self, ticket: Ticket, now: float) -> Window | None:
+        # A ticket aged to the top priority ignores headroom: otherwise a steady stream of
+        # realtime work would keep the window too full for it, and it would starve.
+        promoted = now - ticket.key >= self.classes.top_head_start_s
+        best: Window | None = None
+        for window in self.windows.values():
+            reserved = 0 if promoted else ticket.policy.reserved_slots(window.size)
+            if window.has_room(reserved) and (
+                best is None or window.occupied / window.size < best.occupied / best.size
+            ):
+                best = window
+        return best
+
+    def release(self, ticket: Ticket, now: float) -> None:
+        """A dispatched ticket finished (any outcome): free its slot."""
+        if ticket.state is not State.DISPATCHED or ticket.upstream is None:
+            return
+        ticket.state = State.DONE
+        window = self.windows.get(ticket.upstream)
+        if window is not None:
+            window.inflight -= 1
+        self.drain.record(now)
+
+
+__all__ = [
+    "Admitted",
+    "ClassQueue",
+    "Dispatch",
+    "DrainRate",
+    "Expiry",
+    "Rejected",
+    "Scheduler",
+    "State",
+    "Ticket",
+    "Window",
+]

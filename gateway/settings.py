@@ -1,0 +1,100 @@
+"""Process settings: fixed for the life of the process (the task table is the reloadable part).
+
+Each setting has a command-line flag and an environment variable; the flag wins.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Everything the gateway process needs besides the task table.
+
+    ``window`` is the per-upstream dispatch window: how many requests may be in flight at one
+    vLLM. Set it to that vLLM's ``--max-num-seqs`` so vLLM's own queue stays empty and the
+    order is decided here, where aging and deadlines can still change it.
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 8080
+    upstreams: tuple[str, ...] = ("http://127.0.0.1:8000",)
+    window: int = 8
+    tasks_path: Path | None = None
+    max_body_bytes: int = 1_048_576
+    connect_timeout_s: float = 5.0
+    read_timeout_s: float = 60.0
+    health_interval_s: float = 2.0
+    access_log: bool = True
+    log_level: str = "info"
+
+
+_ENV = {
+    "host": "GATEWAY_HOST",
+    "port": "GATEWAY_PORT",
+    "upstreams": "UPSTREAMS",
+    "window": "GATEWAY_WINDOW",
+    "tasks": "GATEWAY_TASKS",
+    "max_body_bytes": "GATEWAY_MAX_BODY_BYTES",
+    "connect_timeout": "GATEWAY_CONNECT_TIMEOUT",
+    "read_timeout": "GATEWAY_READ_TIMEOUT",
+    "health_interval": "GATEWAY_HEALTH_INTERVAL",
+    "access_log": "GATEWAY_ACCESS_LOG",
+    "log_level": "GATEWAY_LOG_LEVEL",
+}
+
+
+def parse_settings(
+    argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
+) -> Settings:
+    env = os.environ if env is None else env
+    d = Settings()
+    p = argparse.ArgumentParser(
+        prog="qwen-gateway",
+        description="OpenAI-compatible gateway that keeps per-task SLAs in front of vLLM.",
+    )
+
+    def opt(name: str, default: object, help: str, kind: type = str) -> None:
+        var = _ENV[name]
+        p.add_argument(
+            f"--{name.replace('_', '-')}",
+            type=kind,
+            default=kind(env[var]) if var in env else default,
+            help=f"{help} [env {var}; default {default}]",
+        )
+
+    opt("host", d.host, "address to listen on")
+    opt("port", d.port, "port to listen on", int)
+    opt("upstreams", ",".join(d.upstreams), "comma-separated vLLM base URLs")
+    opt("window", d.window, "requests in flight per upstream (its --max-num-seqs)", int)
+    opt("tasks", None, "task table TOML (default: the shipped one)")
+    opt("max_body_bytes", d.max_body_bytes, "largest accepted request body", int)
+    opt("connect_timeout", d.connect_timeout_s, "upstream connect timeout, seconds", float)
+    opt("read_timeout", d.read_timeout_s, "longest silence between stream chunks, seconds", float)
+    opt("health_interval", d.health_interval_s, "seconds between upstream health checks", float)
+    opt("access_log", "on" if d.access_log else "off", "JSON access log: on or off")
+    opt("log_level", d.log_level, "debug, info, warning or error")
+    a = p.parse_args(argv)
+    upstreams = tuple(u.strip().rstrip("/") for u in a.upstreams.split(",") if u.strip())
+    if not upstreams:
+        p.error("at least one upstream is required")
+    if a.window < 1:
+        p.error("--window must be at least 1")
+    return Settings(
+        host=a.host,
+        port=a.port,
+        upstreams=upstreams,
+        window=a.window,
+        tasks_path=Path(a.tasks) if a.tasks else None,
+        max_body_bytes=a.max_body_bytes,
+        connect_timeout_s=a.connect_timeout,
+        read_timeout_s=a.read_timeout,
+        health_interval_s=a.health_interval,
+        access_log=str(a.access_log).lower() in ("on", "1", "true", "yes"),
+        log_level=a.log_level,
+    )
