@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import signal
-import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -21,6 +19,7 @@ from typing import Any
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
@@ -29,6 +28,7 @@ from starlette.types import Receive
 from gateway.config import Config, Task, load_config
 from gateway.errors import BadRequest, GatewayError, PayloadTooLarge, TaskNotFound
 from gateway.exchange import Exchange, outcome_for_status, record
+from gateway.middleware import RequestIdMiddleware
 from gateway.pipeline import assist
 from gateway.protocol import Endpoint, parse_json, parse_request
 from gateway.proxy import Budget, Step, serve
@@ -36,7 +36,6 @@ from gateway.runtime import Runtime, build_runtime, close_runtime
 from gateway.settings import Settings
 
 log = logging.getLogger("gateway")
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 
 
 class ClientGone(Exception):
@@ -69,6 +68,7 @@ def create_app(settings: Settings, config: Config | None = None) -> Starlette:
     return Starlette(
         routes=routes,
         lifespan=lifespan,
+        middleware=[Middleware(RequestIdMiddleware)],
         exception_handlers={HTTPException: _http_error, Exception: _internal_error},
     )
 
@@ -83,9 +83,7 @@ async def completions(request: Request) -> Response:
 
 async def _handle(request: Request, endpoint: Endpoint) -> Response:
     rt: Runtime = request.state.runtime
-    request_id = request.headers.get("x-request-id", "")
-    if not _REQUEST_ID.match(request_id):
-        request_id = uuid.uuid4().hex
+    request_id: str = request.state.request_id
     ex = Exchange(request_id, rt.dispatcher.now())
     headers = {"X-Request-Id": request_id}
     try:

@@ -44,9 +44,14 @@ class ClientRequest:
         return "\n".join(str(m.get("content") or "") for m in self.messages)
 
 
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
 def parse_json(raw: bytes) -> dict[str, Any]:
     try:
-        body = json.loads(raw)
+        # Python's json accepts NaN and Infinity; JSON (and vLLM) does not.
+        body = json.loads(raw, parse_constant=_reject_constant)
     except UnicodeDecodeError:
         raise BadRequest("the request body is not valid UTF-8", code="invalid_json") from None
     except RecursionError:

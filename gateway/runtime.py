@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from functools import partial
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry

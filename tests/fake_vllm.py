@@ -73,7 +73,9 @@ class FakeVllm:
         return web.Response(status=200 if self.behaviour.healthy else 503)
 
     async def _models(self, request: web.Request) -> web.Response:
-        return web.json_response({"object": "list", "data": [{"id": self.model, "object": "model"}]})
+        return web.json_response(
+            {"object": "list", "data": [{"id": self.model, "object": "model"}]}
+        )
 
     async def _metrics(self, request: web.Request) -> web.Response:
         text = (
@@ -97,7 +99,14 @@ class FakeVllm:
             await asyncio.Event().wait()
         if b.status != 200:
             return web.json_response(
-                {"error": {"message": f"fake error {b.status}", "type": "BadRequestError", "param": None, "code": b.status}},
+                {
+                    "error": {
+                        "message": f"fake error {b.status}",
+                        "type": "BadRequestError",
+                        "param": None,
+                        "code": b.status,
+                    }
+                },
                 status=b.status,
             )
         if b.garbage:
@@ -140,7 +149,11 @@ class FakeVllm:
             "created": 0,
             "model": self.model,
             "choices": [choice],
-            "usage": {"prompt_tokens": 7, "completion_tokens": len(words), "total_tokens": 7 + len(words)},
+            "usage": {
+                "prompt_tokens": 7,
+                "completion_tokens": len(words),
+                "total_tokens": 7 + len(words),
+            },
         }
 
     async def _stream(
@@ -156,13 +169,22 @@ class FakeVllm:
                 choice["delta"] = delta
             else:
                 choice["text"] = delta
-            data = {"id": "chatcmpl-fake", "object": obj, "created": 0, "model": self.model, "choices": [choice]}
+            data = {
+                "id": "chatcmpl-fake",
+                "object": obj,
+                "created": 0,
+                "model": self.model,
+                "choices": [choice],
+            }
             return b"data: " + json.dumps(data, separators=(",", ":")).encode() + b"\n\n"
 
         if chat:
             await response.write(chunk({"role": "assistant", "content": ""}))
         for i, word in enumerate(words):
-            if self.behaviour.break_after_chunks is not None and i >= self.behaviour.break_after_chunks:
+            if (
+                self.behaviour.break_after_chunks is not None
+                and i >= self.behaviour.break_after_chunks
+            ):
                 request.transport.close()  # type: ignore[union-attr]
                 return response
             if i:
@@ -174,7 +196,9 @@ class FakeVllm:
                 "id": "chatcmpl-fake", "object": obj, "created": 0, "model": self.model, "choices": [],
                 "usage": {"prompt_tokens": 7, "completion_tokens": len(words), "total_tokens": 7 + len(words)},
             }  # fmt: skip
-            await response.write(b"data: " + json.dumps(usage, separators=(",", ":")).encode() + b"\n\n")
+            await response.write(
+                b"data: " + json.dumps(usage, separators=(",", ":")).encode() + b"\n\n"
+            )
         await response.write(b"data: [DONE]\n\n")
         await response.write_eof()
         self.finished += 1

@@ -22,7 +22,9 @@ async def running_gateway(
     """Serve the gateway on 127.0.0.1 (a free port); yield its base URL; stop it after."""
     app = create_app(settings, config)
     server = uvicorn.Server(
-        uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", access_log=False, lifespan="on")
+        uvicorn.Config(
+            app, host="127.0.0.1", port=0, log_level="warning", access_log=False, lifespan="on"
+        )
     )
     # The test process keeps its own Ctrl-C behaviour; servers here stop via should_exit.
     server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign,assignment]

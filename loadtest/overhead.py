@@ -1,0 +1,441 @@
+"""Measure what the gateway adds on top of an instant upstream, on this machine, in one command.
+
+    python loadtest/overhead.py [--duration 10] [--rounds 3] [--out loadtest/out/overhead.json]
+
+It starts ``loadtest/fake_upstream.py`` and two gateways in front of it (access log on and
+off; a dispatch window so large it never limits), checks that each answers correctly, then
+drives every target with ``wrk -t1`` through ``loadtest/wrk/post_json.lua``:
+
+    json_c1    non-streaming chat, 1 connection     -> p50, so added p50 = gateway - direct
+    json_c16   non-streaming chat, 16 connections   -> req/s, p99, added p99
+    sse_c16    50-chunk streaming chat, 16 conns    -> streams/s, p99
+
+Rounds interleave the targets so drift hits them alike; every figure is a median over rounds.
+CPU per request is the target process's utime+stime (/proc/PID/stat) over the run divided by
+the requests wrk completed. Any non-2xx answer or socket error aborts the run (exit 1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+LUA = HERE / "wrk" / "post_json.lua"
+CHUNKS = 50
+WARMUP_S = 2
+
+TARGETS = {  # brief: pass at least this
+    "json_c16_rps": 3000.0,
+    "json_c16_added_p99_ms": 10.0,
+    "json_c1_added_p50_ms": 1.0,
+}
+
+
+class Failure(Exception):
+    """The measurement cannot be trusted (a server did not start, or answered errors)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Scenario:
+    name: str
+    connections: int
+    stream: bool
+
+
+SCENARIOS = (
+    Scenario("json_c1", 1, stream=False),
+    Scenario("json_c16", 16, stream=False),
+    Scenario("sse_c16", 16, stream=True),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """Something wrk can load: the fake directly, or a gateway in front of it."""
+
+    name: str
+    base_url: str
+    model: str
+    pid: int
+
+    def body(self, stream: bool) -> str:
+        body: dict[str, Any] = {
+            "model": self.model,
+            "messages": [{"role": "user", "content": "Hello"}],
+            "max_tokens": 16,
+        }
+        if stream:
+            body["stream"] = True
+        return json.dumps(body, separators=(",", ":"))
+
+
+@dataclass(frozen=True, slots=True)
+class Run:
+    """One wrk run against one target; latencies in microseconds, CPU in microseconds."""
+
+    target: str
+    scenario: str
+    round: int
+    requests: int
+    seconds: float
+    rps: float
+    p50_us: int
+    p90_us: int
+    p99_us: int
+    cpu_us_per_request: float  # the target process only
+    wrk_cpu_pct: float  # of one core
+    foreign_cpu_pct: float  # of the whole machine, by processes that are not ours
+
+
+# -- processes ----------------------------------------------------------------------------
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process, all its threads, in seconds."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def machine_busy_seconds() -> float:
+    """CPU seconds spent not idle, all cores together, since boot."""
+    with open("/proc/stat") as f:
+        values = [int(v) for v in f.readline().split()[1:]]
+    idle = values[3] + values[4]  # idle + iowait
+    return (sum(values[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def children_cpu_seconds() -> float:
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def wait_until_ok(url: str, process: subprocess.Popen[bytes], timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise Failure(f"{process.args!r} exited with {process.returncode}")
+        try:
+            with urllib.request.urlopen(url, timeout=1) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.1)
+    raise Failure(f"{url} did not answer 200 within {timeout_s} s")
+
+
+@contextmanager
+def server(args: list[str], ready_url: str, log: Path, stdout: Path | None = None) -> Iterator[int]:
+    """Run a server process until the block ends; stop it by its own PID."""
+    with ExitStack() as files:
+        err = files.enter_context(open(log, "wb"))
+        out = files.enter_context(open(stdout, "wb")) if stdout else err
+        process = subprocess.Popen(args, cwd=ROOT, stdout=out, stderr=err)
+    try:
+        wait_until_ok(ready_url, process)
+        yield process.pid
+    finally:
+        process.terminate()
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+# -- checks ---------------------------------------------------------------------------------
+
+
+def post(url: str, body: str) -> tuple[int, bytes]:
+    request = urllib.request.Request(
+        url, data=body.encode(), headers={"Content-Type": "application/json"}, method="POST"
+    )
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return response.status, response.read()
+
+
+def check_answers(target: Target) -> None:
+    """One request of each kind, by hand, before trusting wrk's counts."""
+    url = target.base_url + "/v1/chat/completions"
+    status, raw = post(url, target.body(stream=False))
+    answer = json.loads(raw)
+    if status != 200 or not answer["choices"][0]["message"]["content"]:
+        raise Failure(f"{target.name}: bad chat answer {status} {raw[:200]!r}")
+    status, raw = post(url, target.body(stream=True))
+    events = [e for e in raw.split(b"\n\n") if e]
+    content = [e for e in events if b'"delta":{"content"' in e]
+    if status != 200 or len(content) != CHUNKS or events[-1] != b"data: [DONE]":
+        raise Failure(
+            f"{target.name}: bad stream {status}: {len(content)} content chunks "
+            f"(want {CHUNKS}), last event {events[-1][:80]!r}"
+        )
+
+
+# -- wrk ------------------------------------------------------------------------------------
+
+
+def wrk(target: Target, scenario: Scenario, seconds: float) -> tuple[dict[str, Any], str, float]:
+    """Run wrk once; return its WRK_JSON figures, its text output and its CPU seconds."""
+    url = target.base_url + "/v1/chat/completions"
+    args = [
+        "wrk", "-t1", f"-c{scenario.connections}", f"-d{seconds:g}s", "--latency",
+        "--timeout", "5s", "-s", str(LUA), url,
+    ]  # fmt: skip
+    env = {**os.environ, "WRK_BODY": target.body(scenario.stream)}
+    before = children_cpu_seconds()
+    done = subprocess.run(args, env=env, capture_output=True, text=True, check=False)
+    wrk_cpu = children_cpu_seconds() - before
+    if done.returncode != 0:
+        raise Failure(f"wrk failed ({done.returncode}): {done.stderr.strip()}")
+    line = next((x for x in done.stdout.splitlines() if x.startswith("WRK_JSON ")), None)
+    if line is None:
+        raise Failure(f"no WRK_JSON line in wrk's output:\n{done.stdout}")
+    figures: dict[str, Any] = json.loads(line.removeprefix("WRK_JSON "))
+    errors = {k: v for k, v in figures["errors"].items() if v}
+    if errors or "Non-2xx" in done.stdout or figures["requests"] == 0:
+        raise Failure(f"{target.name} {scenario.name}: errors {errors}\n{done.stdout}")
+    return figures, done.stdout, wrk_cpu
+
+
+def measure(
+    target: Target, scenario: Scenario, round_: int, seconds: float, ours: list[int]
+) -> Run:
+    cpu0 = cpu_seconds(target.pid)
+    ours0 = sum(cpu_seconds(pid) for pid in ours)
+    busy0, t0 = machine_busy_seconds(), time.monotonic()
+    figures, _, wrk_cpu = wrk(target, scenario, seconds)
+    elapsed = time.monotonic() - t0
+    foreign = (
+        machine_busy_seconds() - busy0 - wrk_cpu - (sum(cpu_seconds(pid) for pid in ours) - ours0)
+    )
+    cpu = cpu_seconds(target.pid) - cpu0
+    requests = figures["requests"]
+    wall = figures["duration_us"] / 1e6
+    latency = figures["latency_us"]
+    return Run(
+        target=target.name,
+        scenario=scenario.name,
+        round=round_,
+        requests=requests,
+        seconds=round(wall, 3),
+        rps=round(requests / wall, 1),
+        p50_us=latency["p50"],
+        p90_us=latency["p90"],
+        p99_us=latency["p99"],
+        cpu_us_per_request=round(cpu * 1e6 / requests, 1),
+        wrk_cpu_pct=round(100 * wrk_cpu / elapsed, 1),
+        foreign_cpu_pct=round(100 * max(foreign, 0.0) / (elapsed * (os.cpu_count() or 1)), 1),
+    )
+
+
+# -- report ---------------------------------------------------------------------------------
+
+
+def summarise(runs: list[Run]) -> dict[str, dict[str, dict[str, float]]]:
+    """Median of every figure over rounds: summary[target][scenario][figure]."""
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    figures = ("rps", "p50_us", "p90_us", "p99_us", "cpu_us_per_request", "foreign_cpu_pct")
+    for run in runs:
+        out.setdefault(run.target, {}).setdefault(run.scenario, {})
+    for target, scenarios in out.items():
+        for scenario in scenarios:
+            mine = [r for r in runs if r.target == target and r.scenario == scenario]
+            scenarios[scenario] = {
+                f: statistics.median(getattr(r, f) for r in mine) for f in figures
+            }
+    return out
+
+
+def added(summary: dict[str, dict[str, dict[str, float]]], target: str) -> dict[str, float]:
+    gw, direct = summary[target], summary["direct"]
+    return {
+        "json_c1_added_p50_ms": (gw["json_c1"]["p50_us"] - direct["json_c1"]["p50_us"]) / 1000,
+        "json_c16_added_p99_ms": (gw["json_c16"]["p99_us"] - direct["json_c16"]["p99_us"]) / 1000,
+        "json_c16_rps": gw["json_c16"]["rps"],
+    }
+
+
+def verdicts(extra: dict[str, float]) -> dict[str, bool]:
+    return {
+        "json_c16_rps": extra["json_c16_rps"] >= TARGETS["json_c16_rps"],
+        "json_c16_added_p99_ms": extra["json_c16_added_p99_ms"] <= TARGETS["json_c16_added_p99_ms"],
+        "json_c1_added_p50_ms": extra["json_c1_added_p50_ms"] <= TARGETS["json_c1_added_p50_ms"],
+    }
+
+
+def table(summary: dict[str, dict[str, dict[str, float]]]) -> str:
+    head = (
+        "| target | p50 at 1 conn (added) | req/s at 16 | p99 at 16 (added) "
+        "| 50-chunk SSE streams/s at 16 (p99) | CPU us/request at 16 | CPU us/stream |\n"
+        "|---|---|---|---|---|---|---|\n"
+    )
+    rows = []
+    direct = summary["direct"]
+    for target, s in summary.items():
+        c1, c16, sse = s["json_c1"], s["json_c16"], s["sse_c16"]
+        if target == "direct":
+            p50 = f"{c1['p50_us']:,.0f} us"
+            p99 = f"{c16['p99_us'] / 1000:.2f} ms"
+        else:
+            p50 = f"{c1['p50_us']:,.0f} us (+{c1['p50_us'] - direct['json_c1']['p50_us']:,.0f} us)"
+            gap = (c16["p99_us"] - direct["json_c16"]["p99_us"]) / 1000
+            p99 = f"{c16['p99_us'] / 1000:.2f} ms (+{gap:.2f} ms)"
+        rows.append(
+            f"| {target} | {p50} | {c16['rps']:,.0f} | {p99} "
+            f"| {sse['rps']:,.0f} ({sse['p99_us'] / 1000:.1f} ms) "
+            f"| {c16['cpu_us_per_request']:,.0f} | {sse['cpu_us_per_request']:,.0f} |"
+        )
+    return head + "\n".join(rows)
+
+
+def machine() -> dict[str, Any]:
+    model = "unknown"
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    wrk_version = subprocess.run(["wrk", "-v"], capture_output=True, text=True).stdout
+    return {
+        "nproc": os.cpu_count(),
+        "cpu": model,
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "wrk": wrk_version.split("[")[0].strip() or wrk_version.strip(),
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+
+
+# -- main -----------------------------------------------------------------------------------
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    py = sys.executable
+    fake_port, base = args.port_base, args.port_base + 1
+    fake_url = f"http://127.0.0.1:{fake_port}"
+    logs = Path(args.out).parent
+    logs.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp, ExitStack() as stack:
+        fake_pid = stack.enter_context(
+            server(
+                [py, str(HERE / "fake_upstream.py"), "--port", str(fake_port),
+                 "--chunks", str(CHUNKS)],
+                fake_url + "/health",
+                logs / "overhead-fake.log",
+            )
+        )  # fmt: skip
+        targets = [Target("direct", fake_url, "fake", fake_pid)]
+        access_logs: dict[str, Path] = {}
+        for i, access in enumerate(("on", "off")):
+            port = base + i
+            name = f"gateway, access log {access}"
+            access_logs[name] = Path(tmp) / f"access-{access}.jsonl"
+            pid = stack.enter_context(
+                server(
+                    [py, "-m", "gateway", "--host", "127.0.0.1", "--port", str(port),
+                     "--upstreams", fake_url, "--window", str(args.window),
+                     "--access-log", access, "--log-level", "warning"],
+                    f"http://127.0.0.1:{port}/ready",
+                    logs / f"overhead-gateway-{access}.log",
+                    stdout=access_logs[name],
+                )
+            )  # fmt: skip
+            targets.append(Target(name, f"http://127.0.0.1:{port}", "chat", pid))
+        ours = [t.pid for t in targets]
+        for target in targets:
+            check_answers(target)
+            for scenario in SCENARIOS:
+                wrk(target, scenario, WARMUP_S)
+        runs = []
+        for round_ in range(1, args.rounds + 1):
+            for scenario in SCENARIOS:
+                for target in targets:
+                    result = measure(target, scenario, round_, args.duration, ours)
+                    runs.append(result)
+                    print(
+                        f"round {round_} {scenario.name:8} {target.name:26} "
+                        f"{result.rps:9,.0f}/s p50 {result.p50_us:6,} us "
+                        f"p99 {result.p99_us:7,} us cpu {result.cpu_us_per_request:6,.0f} us/req "
+                        f"(others {result.foreign_cpu_pct:.0f}%)",
+                        flush=True,
+                    )
+        logged = {name: sum(1 for _ in open(path, "rb")) for name, path in access_logs.items()}
+    if logged["gateway, access log on"] == 0 or logged["gateway, access log off"] != 0:
+        raise Failure(f"access log lines are not as configured: {logged}")
+    summary = summarise(runs)
+    gateways = {t: added(summary, t) for t in summary if t != "direct"}
+    return {
+        "machine": machine(),
+        "config": {
+            "duration_s": args.duration,
+            "rounds": args.rounds,
+            "window": args.window,
+            "chunks": CHUNKS,
+            "wrk_threads": 1,
+            "scenarios": [asdict(s) for s in SCENARIOS],
+        },
+        "targets": TARGETS,
+        "summary": summary,
+        "gateway": {t: {**g, "pass": verdicts(g)} for t, g in gateways.items()},
+        "access_log_lines": logged,
+        "runs": [asdict(r) for r in runs],
+    }
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--duration", type=float, default=10.0, help="seconds per wrk run")
+    p.add_argument("--rounds", type=int, default=3, help="rounds; figures are medians")
+    p.add_argument("--out", default=str(HERE / "out" / "overhead.json"), help="JSON results")
+    p.add_argument("--port-base", type=int, default=19010, help="fake on it, gateways on +1, +2")
+    p.add_argument("--window", type=int, default=1_000_000, help="gateway dispatch window")
+    args = p.parse_args()
+    if shutil.which("wrk") is None:
+        print("wrk is not installed; as root: apt-get update && apt-get install -y wrk")
+        return 2
+    try:
+        result = run(args)
+    except Failure as exc:
+        print(f"\nFAILED: {exc}", file=sys.stderr)
+        return 1
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    m = result["machine"]
+    print(f"\n{m['nproc']} x {m['cpu']}, Linux {m['kernel']}, Python {m['python']}, "
+          f"{m['wrk']}, {m['date']}")  # fmt: skip
+    print(f"wrk -t1, {args.duration:g} s per run, medians of {args.rounds} rounds; "
+          f"gateway window {args.window:,}\n")  # fmt: skip
+    print(table(result["summary"]))
+    print()
+    for name, g in result["gateway"].items():
+        verdict = ", ".join(f"{k} {'ok' if ok else 'MISSED'}" for k, ok in g["pass"].items())
+        print(
+            f"{name}: added p50 {g['json_c1_added_p50_ms'] * 1000:,.0f} us, "
+            f"added p99 {g['json_c16_added_p99_ms']:.2f} ms, {g['json_c16_rps']:,.0f} req/s "
+            f"-> {verdict}"
+        )
+    print(f"\nwrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,103 @@
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gateway.config import ConfigError, load_config, parse_config
+
+
+def minimal(**task: Any) -> dict[str, Any]:
+    return {"tasks": {"t": {"class": "standard", **task}}}
+
+
+def test_shipped_table_has_the_documented_tasks_and_classes() -> None:
+    config = load_config()
+    assert set(config.tasks) == {
+        "sentiment",
+        "chat",
+        "code",
+        "summarize",
+        "translate",
+        "batch",
+        "assist",
+    }
+    assert config.tasks["sentiment"].priority_class == "realtime"
+    assert config.tasks["sentiment"].labels == ("positive", "negative")
+    assert {config.tasks[t].priority_class for t in ("chat", "code")} == {"interactive"}
+    assert {config.tasks[t].priority_class for t in ("summarize", "translate")} == {"standard"}
+    assert config.tasks["batch"].priority_class == "batch"
+    assert config.tasks["assist"].pipeline is not None
+    # The documented bound: background outranks any new arrival after at most 60 s.
+    assert config.classes.top_head_start_s - config.classes["background"].head_start_s <= 60
+
+
+def test_labels_are_configurable_in_any_language(tmp_path: Path) -> None:
+    table = tmp_path / "tasks.toml"
+    table.write_text(
+        '[tasks.sentiment]\nclass = "realtime"\nlabels = ["正面", "负面"]\n', encoding="utf-8"
+    )
+    assert load_config(table).tasks["sentiment"].labels == ("正面", "负面")
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        (minimal(deadline_s="5"), "tasks.t.deadline_s must be float"),
+        (minimal(deadline_s=True), "tasks.t.deadline_s must be float"),
+        (minimal(clas="batch"), "unknown key 'tasks.t.clas'"),
+        (minimal(**{"class": "urgent"}), "tasks.t.class 'urgent' is not one of"),
+        (minimal(labels=["only"]), "at least two"),
+        (minimal(max_tokens=0), "tasks.t.max_tokens must be positive"),
+        (minimal(max_tokens=100, max_tokens_limit=10), "is below max_tokens"),
+        (minimal(queue_deadline_s=10, deadline_s=5), "exceeds deadline_s"),
+        (minimal(temperature=3.0), "temperature must be in [0, 2]"),
+        (minimal(degrade={"when_wait_s": 1}), "tasks.t.degrade.max_tokens is required"),
+        ({"tasks": {}}, "defines no tasks"),
+        ({"tasks": {"t": {}}, "classes": {"urgent": {}}}, "unknown priority class 'urgent'"),
+        (
+            {"tasks": {"t": {}}, "classes": {"batch": {"head_start_s": 99}}},
+            "head_start_s must not increase",
+        ),
+        (
+            {"tasks": {"t": {}}, "classes": {"realtime": {"reserve": 0.5}}},
+            "reserve must not decrease",
+        ),
+        ({"tasks": {"t": {}}, "classes": {"batch": {"reserve": 1.0}}}, "reserve must be in [0, 1)"),
+        (
+            {
+                "tasks": {
+                    "a": {
+                        "pipeline": {
+                            "label_task": "a",
+                            "reply_task": "a",
+                            "reply_prompt": "{label}",
+                        }
+                    }
+                }
+            },
+            "label_task must name a task with labels",
+        ),
+    ],
+)
+def test_invalid_tables_are_refused_with_the_key_named(raw: dict[str, Any], message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config(raw)
+    assert message in str(info.value)
+
+
+def test_unreadable_or_malformed_files_are_config_errors(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(tmp_path / "missing.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[tasks\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(bad)
+
+
+def test_class_overrides_keep_defaults_for_the_rest() -> None:
+    config = parse_config({"tasks": {"t": {}}, "classes": {"batch": {"max_queued": 5}}})
+    assert config.classes["batch"].max_queued == 5
+    assert config.classes["batch"].head_start_s == 10.0
+    assert config.classes["realtime"].max_queued == 64

@@ -1,0 +1,383 @@
+"""The pure scheduling core: ordering, aging, headroom, bounds, shedding, expiry.
+
+No sleeps: every call takes ``now``.
+"""
+
+from __future__ import annotations
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gateway.classes import DEFAULT_POLICIES, ClassPolicy, ClassTable
+from gateway.scheduler import Admitted, Dispatch, Expiry, Rejected, Scheduler, State, Ticket, Window
+
+CLASSES = ClassTable(DEFAULT_POLICIES)
+RT, INTER, STD, BATCH, BG = (CLASSES[n] for n in CLASSES.names())
+
+
+def ticket(
+    policy: ClassPolicy, arrival: float, queue_s: float = 1e9, total_s: float = 1e9, **kw: object
+) -> Ticket:
+    return Ticket(
+        task=policy.name,
+        policy=policy,
+        arrival=arrival,
+        queue_deadline=arrival + queue_s,
+        deadline=arrival + total_s,
+        **kw,  # type: ignore[arg-type]
+    )
+
+
+def scheduler(
+    window: int = 1, max_queued: int = 512, classes: ClassTable = CLASSES, upstreams: int = 1
+) -> Scheduler:
+    return Scheduler(classes, max_queued, [Window(f"u{i}", window) for i in range(upstreams)])
+
+
+def dispatched(items: list[Dispatch | Expiry]) -> list[Ticket]:
+    return [i.ticket for i in items if isinstance(i, Dispatch)]
+
+
+def admit_all(s: Scheduler, tickets: list[Ticket], now: float) -> None:
+    for t in tickets:
+        assert isinstance(s.admit(t, now), Admitted)
+
+
+def test_idle_window_dispatches_at_once_with_the_head_start_as_priority() -> None:
+    s = scheduler(window=2)
+    t = ticket(BATCH, arrival=0.0)
+    s.admit(t, 0.0)
+    assert dispatched(s.dispatch(0.5)) == [t]
+    assert t.state is State.DISPATCHED
+    assert t.upstream == "u0"
+    assert t.effective_priority == BATCH.head_start_s + 0.5
+
+
+def test_more_important_class_goes_first_when_a_slot_frees() -> None:
+    s = scheduler(window=1)
+    running = ticket(BATCH, 0.0)
+    s.admit(running, 0.0)
+    s.dispatch(0.0)
+    queued = [ticket(BATCH, 1.0), ticket(STD, 2.0), ticket(RT, 3.0), ticket(INTER, 4.0)]
+    admit_all(s, queued, 4.0)
+    order = []
+    s.release(running, 5.0)
+    for now in (5.0, 6.0, 7.0, 8.0):
+        (t,) = dispatched(s.dispatch(now))
+        order.append(t.policy.name)
+        s.release(t, now + 0.5)
+    assert order == ["realtime", "interactive", "standard", "batch"]
+
+
+def test_within_a_class_first_come_first_served() -> None:
+    s = scheduler(window=1)
+    blocker = ticket(RT, 0.0)
+    s.admit(blocker, 0.0)
+    s.dispatch(0.0)
+    a, b = ticket(STD, 1.0), ticket(STD, 2.0)
+    admit_all(s, [b, a], 2.0)  # admitted out of order: the key still orders them
+    s.release(blocker, 3.0)
+    assert dispatched(s.dispatch(3.0)) == [a]
+
+
+def test_aging_lets_a_waiting_batch_request_overtake_fresh_realtime_work() -> None:
+    s = scheduler(window=1)
+    blocker = ticket(RT, 0.0)
+    s.admit(blocker, 0.0)
+    s.dispatch(0.0)
+    old_batch = ticket(BATCH, 0.0)
+    gap = RT.head_start_s - BATCH.head_start_s
+    fresh_rt = ticket(RT, gap + 1.0)
+    admit_all(s, [old_batch, fresh_rt], gap + 1.0)
+    s.release(blocker, gap + 1.0)
+    assert dispatched(s.dispatch(gap + 1.0)) == [old_batch]
+    assert old_batch.boosted  # a more important request was still waiting
+    assert old_batch.effective_priority > RT.head_start_s
+
+
+def test_headroom_keeps_slots_for_more_important_classes() -> None:
+    s = scheduler(window=8)
+    batch = [ticket(BATCH, float(i)) for i in range(12)]
+    admit_all(s, batch, 0.0)
+    running = dispatched(s.dispatch(12.0))
+    assert len(running) == 8 - BATCH.reserved_slots(8)  # batch leaves its reserve free
+    rt = ticket(RT, 12.0)
+    s.admit(rt, 12.0)
+    assert dispatched(s.dispatch(12.0)) == [rt]  # a reserved slot, no waiting for batch
+
+
+def test_a_promoted_request_may_use_reserved_slots() -> None:
+    """Under realtime saturation the window is always nearly full; aging must still win."""
+    s = scheduler(window=4)
+    realtime = [ticket(RT, 0.0) for _ in range(4)]
+    admit_all(s, realtime, 0.0)
+    s.dispatch(0.0)
+    old = ticket(BG, 0.0)
+    s.admit(old, 0.0)
+    late = RT.head_start_s - BG.head_start_s + 1.0
+    more_rt = ticket(RT, late)
+    s.admit(more_rt, late)
+    s.release(realtime[0], late)  # 3 of 4 in flight: background alone could not enter
+    assert dispatched(s.dispatch(late)) == [old]
+
+
+def test_reserved_slots_never_take_the_whole_window() -> None:
+    assert BG.reserved_slots(1) == 0
+    assert BG.reserved_slots(8) == 4
+    assert INTER.reserved_slots(8) == 1
+    assert RT.reserved_slots(64) == 0
+
+
+def test_class_queue_bound_rejects_with_reason_and_retry_after() -> None:
+    classes = ClassTable(
+        [
+            p if p.name != "batch" else ClassPolicy("batch", 3, 10.0, 0.3, max_queued=2)
+            for p in DEFAULT_POLICIES
+        ]
+    )
+    s = scheduler(window=1, classes=classes)
+    s.admit(ticket(RT, 0.0), 0.0)
+    s.dispatch(0.0)
+    admit_all(s, [ticket(classes["batch"], 0.0), ticket(classes["batch"], 0.0)], 0.0)
+    result = s.admit(ticket(classes["batch"], 0.0), 0.0)
+    assert isinstance(result, Rejected)
+    assert result.reason == "class_queue_full"
+    assert result.retry_after_s >= 1
+
+
+def test_full_queue_sheds_the_newest_of_the_least_important_class() -> None:
+    s = scheduler(window=1, max_queued=3)
+    s.admit(ticket(RT, 0.0), 0.0)
+    s.dispatch(0.0)
+    old_bg, batch, new_bg = ticket(BG, 1.0), ticket(BATCH, 2.0), ticket(BG, 3.0)
+    admit_all(s, [old_bg, batch, new_bg], 3.0)
+    result = s.admit(ticket(STD, 4.0), 4.0)
+    assert isinstance(result, Admitted)
+    assert result.shed == (new_bg,)
+    assert new_bg.state is State.SHED
+    assert s.queued == 3
+
+
+def test_full_queue_rejects_when_nothing_less_important_waits() -> None:
+    s = scheduler(window=1, max_queued=2)
+    s.admit(ticket(RT, 0.0), 0.0)
+    s.dispatch(0.0)
+    admit_all(s, [ticket(STD, 1.0), ticket(STD, 1.0)], 1.0)
+    result = s.admit(ticket(STD, 2.0), 2.0)
+    assert isinstance(result, Rejected)
+    assert result.reason == "queue_full"
+    assert isinstance(s.admit(ticket(BG, 2.0), 2.0), Rejected)  # cannot shed its betters
+
+
+def test_queue_deadline_expires_without_dispatch() -> None:
+    s = scheduler(window=1)
+    s.admit(ticket(RT, 0.0), 0.0)
+    s.dispatch(0.0)
+    late = ticket(STD, 0.0, queue_s=2.0)
+    s.admit(late, 0.0)
+    assert s.next_expiry() == 2.0
+    assert s.expire(1.9) == []
+    (expiry,) = s.expire(2.0)
+    assert expiry.ticket is late
+    assert expiry.stage == "queue"
+    assert late.state is State.EXPIRED
+    assert s.queued == 0
+    assert s.next_expiry() is None
+
+
+def test_too_little_budget_left_expires_at_dispatch_stage() -> None:
+    s = scheduler(window=1)
+    s.admit(ticket(RT, 0.0), 0.0)
+    s.dispatch(0.0)
+    t = ticket(STD, 0.0, queue_s=10.0, total_s=5.0, need_s=2.0)
+    s.admit(t, 0.0)
+    assert s.next_expiry() == 3.0  # 5 s budget minus 2 s it needs
+    (expiry,) = [i for i in s.dispatch(3.0) if isinstance(i, Expiry)]
+    assert expiry.stage == "dispatch"
+
+
+def test_withdraw_removes_a_queued_ticket() -> None:
+    s = scheduler(window=1)
+    s.admit(ticket(RT, 0.0), 0.0)
+    s.dispatch(0.0)
+    t = ticket(STD, 0.0)
+    s.admit(t, 0.0)
+    s.withdraw(t)
+    assert s.queued == 0
+    assert t.state is State.WITHDRAWN
+
+
+def test_unusable_upstream_gets_nothing_and_least_loaded_wins() -> None:
+    s = scheduler(window=4, upstreams=2)
+    s.windows["u0"].usable = False
+    t1, t2 = ticket(RT, 0.0), ticket(RT, 0.0)
+    admit_all(s, [t1, t2], 0.0)
+    s.dispatch(0.0)
+    assert t1.upstream == t2.upstream == "u1"
+    s.windows["u0"].usable = True
+    t3 = ticket(RT, 0.0)
+    s.admit(t3, 0.0)
+    s.dispatch(0.0)
+    assert t3.upstream == "u0"
+
+
+def test_external_load_reported_by_the_upstream_limits_the_window() -> None:
+    s = scheduler(window=4)
+    s.windows["u0"].external = 4  # another gateway fills this vLLM
+    t = ticket(RT, 0.0)
+    s.admit(t, 0.0)
+    assert dispatched(s.dispatch(0.0)) == []
+
+
+def test_predicted_wait_and_retry_after_follow_the_drain_rate() -> None:
+    s = scheduler(window=1)
+    assert s.predicted_wait(STD, 0.0) == 0.0  # a free slot: no wait
+    now = 0.0
+    s.admit(ticket(RT, now), now)
+    (running,) = dispatched(s.dispatch(now))
+    assert s.predicted_wait(STD, now) == 0.0  # full, but nothing has completed: no evidence
+    for _ in range(10):  # one completion every 0.5 s: 2 per second
+        now += 0.5
+        s.admit(ticket(RT, now), now)
+        s.release(running, now)
+        (running,) = dispatched(s.dispatch(now))
+    admit_all(s, [ticket(STD, now) for _ in range(5)], now)
+    # 5 queued ahead of a new standard request, draining at 2/s: about 3 s.
+    assert 2.0 <= s.predicted_wait(STD, now) <= 4.0
+    assert s.predicted_wait(RT, now) < s.predicted_wait(BG, now)
+    assert 2 <= s.retry_after(STD, now) <= 4
+
+
+# -- properties ---------------------------------------------------------------------------
+
+arrivals = st.lists(
+    st.tuples(st.sampled_from(CLASSES.names()), st.floats(min_value=0, max_value=100)),
+    min_size=1,
+    max_size=40,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(arrivals, st.integers(min_value=1, max_value=8))
+def test_dispatch_order_is_by_effective_priority(
+    items: list[tuple[str, float]], window: int
+) -> None:
+    """With one slot, each dispatch takes the waiting ticket with the highest aged priority."""
+    s = scheduler(window=1)
+    blocker = ticket(RT, 0.0)
+    s.admit(blocker, 0.0)
+    s.dispatch(0.0)
+    tickets = [ticket(CLASSES[name], at) for name, at in items]
+    admit_all(s, tickets, 100.0)
+    now = 200.0
+    s.release(blocker, now)
+    while s.queued:
+        waiting = list(s.waiting())
+        best = max(waiting, key=lambda t: t.policy.head_start_s + (now - t.arrival))
+        (t,) = dispatched(s.dispatch(now))
+        assert t.policy.head_start_s + (now - t.arrival) == best.policy.head_start_s + (
+            now - best.arrival
+        )
+        s.release(t, now)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(st.sampled_from(CLASSES.names()), min_size=1, max_size=60),
+    st.integers(1, 12),
+    st.integers(1, 3),
+)
+def test_window_bounds_and_conservation(names: list[str], window: int, upstreams: int) -> None:
+    """In-flight never exceeds a window; every admitted ticket is dispatched exactly once."""
+    s = scheduler(window=window, upstreams=upstreams)
+    tickets = [ticket(CLASSES[n], float(i)) for i, n in enumerate(names)]
+    admit_all(s, tickets, 0.0)
+    seen: list[Ticket] = []
+    now = 100.0
+    while s.queued or any(w.inflight for w in s.windows.values()):
+        out = dispatched(s.dispatch(now))
+        assert all(w.inflight <= w.size for w in s.windows.values())
+        seen.extend(out)
+        for t in out[:1] or [x for x in tickets if x.state is State.DISPATCHED][:1]:
+            s.release(t, now)
+        now += 1.0
+    assert sorted(id(t) for t in seen) == sorted(id(t) for t in tickets)
+    assert all(t.state is State.DONE for t in tickets)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.sampled_from(CLASSES.names()), st.integers(min_value=1, max_value=8))
+def test_wait_bound_under_realtime_saturation(name: str, window: int) -> None:
+    """Realtime arrives twice as fast as it is served and keeps the window full; a request of
+    any class still gets dispatched within its head-start gap to realtime plus the realtime
+    queue deadline (what was already queued ahead of it when it aged to the top)."""
+    s = scheduler(window=window)
+    realtime_queue_s = 2.0
+    created: list[Ticket] = []
+
+    def arrive(t: Ticket, now: float) -> None:
+        created.append(t)
+        s.admit(t, now)
+
+    now = 0.0
+    for _ in range(window):
+        arrive(ticket(RT, now, queue_s=realtime_queue_s), now)
+    s.dispatch(now)
+    victim = ticket(CLASSES[name], now)
+    arrive(victim, now)
+    bound = CLASSES.top_head_start_s - CLASSES[name].head_start_s + realtime_queue_s + 0.25
+    while victim.state is State.QUEUED:
+        assert now <= bound, f"{name} waited {now} s, over its bound {bound} s"
+        now += 0.25
+        arrive(ticket(RT, now, queue_s=realtime_queue_s), now)
+        arrive(ticket(RT, now, queue_s=realtime_queue_s), now)
+        oldest_running = next(t for t in created if t.state is State.DISPATCHED)
+        s.release(oldest_running, now)
+        s.dispatch(now)
+    assert victim.state is State.DISPATCHED
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    st.lists(st.sampled_from(CLASSES.names()), min_size=1, max_size=30),
+    st.sampled_from(CLASSES.names()),
+    st.integers(min_value=1, max_value=10),
+)
+def test_shedding_only_evicts_less_important_and_keeps_the_bound(
+    queued: list[str], arriving: str, bound: int
+) -> None:
+    s = scheduler(window=1, max_queued=bound)
+    s.admit(ticket(RT, 0.0), 0.0)
+    s.dispatch(0.0)
+    for i, name in enumerate(queued):
+        s.admit(ticket(CLASSES[name], float(i)), float(i))
+    assert s.queued <= bound
+    before = list(s.waiting())
+    result = s.admit(ticket(CLASSES[arriving], 50.0), 50.0)
+    assert s.queued <= bound
+    if isinstance(result, Admitted) and result.shed:
+        (victim,) = result.shed
+        assert victim.policy.rank > CLASSES[arriving].rank
+        lowest = max(t.policy.rank for t in before)
+        assert victim.policy.rank == lowest
+        assert victim is max((t for t in before if t.policy.rank == lowest), key=lambda t: t.seq)
+    if isinstance(result, Rejected) and result.reason == "queue_full":
+        assert all(t.policy.rank <= CLASSES[arriving].rank for t in before)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    st.lists(st.tuples(st.floats(0, 50), st.floats(0.1, 30)), min_size=1, max_size=30),
+    st.floats(0, 100),
+)
+def test_expiry_removes_exactly_the_tickets_whose_deadline_passed(
+    items: list[tuple[float, float]], now: float
+) -> None:
+    s = scheduler(window=1)
+    s.admit(ticket(RT, 0.0), 0.0)
+    s.dispatch(0.0)
+    tickets = [ticket(STD, at, queue_s=q) for at, q in items]
+    admit_all(s, tickets, 0.0)
+    expired = {id(e.ticket) for e in s.expire(now)}
+    assert expired == {id(t) for t in tickets if t.queue_deadline <= now}
+    assert s.queued == len(tickets) - len(expired)
