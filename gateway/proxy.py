@@ -178,6 +178,11 @@ async def open_stream(
             response = await _post(rt, ticket, url, body, ex, stream=True)
             if response.status != 200:
                 raise upstream_error(response.status, await response.read())
+            if not response.headers.get("Content-Type", "").startswith("text/event-stream"):
+                raise BadGateway(
+                    "the upstream answered a stream request without a stream",
+                    code="bad_upstream_response",
+                )
             events = response.events()
             first = await anext(events, b"")
     except TimeoutError:

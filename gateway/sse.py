@@ -25,6 +25,11 @@ def payload(event: bytes) -> bytes:
     return event[len(_PREFIX) :].rstrip(b"\n") if event.startswith(_PREFIX) else b""
 
 
+def is_data(event: bytes) -> bool:
+    """A complete data event (what vLLM sends); anything else in a stream is garbage."""
+    return event.startswith(_PREFIX) and event.endswith(b"\n\n")
+
+
 def is_done(event: bytes) -> bool:
     return event.startswith(b"data: [DONE]")
 

@@ -97,7 +97,7 @@ def _stream(chat: bool, chunks: int, include_usage: bool) -> bytes:
         choice["finish_reason"] = "stop" if last else None
         events.append(b"data: " + _compact({**head, "choices": [choice]}) + b"\n\n")
     if include_usage:
-        usage = {**head, "choices": [], "usage": _usage(chunks)}
+        usage: dict[str, Any] = {**head, "choices": [], "usage": _usage(chunks)}
         events.append(b"data: " + _compact(usage) + b"\n\n")
     events.append(b"data: [DONE]\n\n")
     return _response(b"".join(events), b"text/event-stream")

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
+from multidict import CIMultiDict
 
 
 @dataclass
@@ -29,12 +30,15 @@ class Behaviour:
     hang: bool = False  # accept the request and never answer
     break_after_chunks: int | None = None  # close the connection mid-stream
     healthy: bool = True
+    # Streams wait on this after their first content chunk: a test sets it once the client
+    # has that chunk, which proves the gateway relayed it without waiting for the rest.
+    hold_after_first: asyncio.Event | None = None
 
 
 @dataclass
 class Seen:
     body: dict[str, Any]
-    headers: dict[str, str]
+    headers: CIMultiDict[str]  # case-insensitive, like HTTP
     at: float
 
 
@@ -47,6 +51,7 @@ class FakeVllm:
     max_running: int = 0
     aborted: int = 0
     finished: int = 0
+    client_gone: asyncio.Event = field(default_factory=asyncio.Event)
     url: str = ""
     _runner: web.AppRunner | None = None
 
@@ -57,7 +62,10 @@ class FakeVllm:
         app.router.add_get("/metrics", self._metrics)
         app.router.add_post("/v1/chat/completions", self._chat)
         app.router.add_post("/v1/completions", self._completions)
-        self._runner = web.AppRunner(app, handle_signals=False, access_log=None)
+        # Cancel handlers when the client goes away, as vLLM aborts a request whose client left.
+        self._runner = web.AppRunner(
+            app, handle_signals=False, access_log=None, handler_cancellation=True
+        )
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", port)
         await site.start()
@@ -93,7 +101,7 @@ class FakeVllm:
 
     async def _generate(self, request: web.Request, *, chat: bool) -> web.StreamResponse:
         body = await request.json()
-        self.seen.append(Seen(body, dict(request.headers), time.monotonic()))
+        self.seen.append(Seen(body, CIMultiDict(request.headers), time.monotonic()))
         b = self.behaviour
         if b.hang:
             await asyncio.Event().wait()
@@ -124,6 +132,7 @@ class FakeVllm:
             return web.json_response(self._completion(body, words, chat))
         except (asyncio.CancelledError, ConnectionResetError):
             self.aborted += 1
+            self.client_gone.set()
             raise
         finally:
             self.running -= 1
@@ -190,6 +199,8 @@ class FakeVllm:
             if i:
                 await asyncio.sleep(self.behaviour.chunk_delay_s)
             await response.write(chunk({"content": word} if chat else word))
+            if i == 0 and self.behaviour.hold_after_first is not None:
+                await self.behaviour.hold_after_first.wait()
         await response.write(chunk({"content": ""} if chat else "", finish="stop"))
         if (body.get("stream_options") or {}).get("include_usage"):
             usage = {
