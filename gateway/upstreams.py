@@ -1,7 +1,9 @@
 """The upstream vLLM servers: where they are, which model they serve, whether they are up.
 
-A background loop polls each upstream's ``/health`` and ``/v1/models``; a failed request
-marks an upstream down at once (passive check) and the loop brings it back. Changes are
+A background loop polls each upstream's ``/health`` and ``/v1/models``. A busy vLLM on a
+loaded CPU can be slow to answer, so the loop marks an upstream down only after
+``FAILURES_TO_DOWN`` failed checks in a row; a refused connection on a real request marks it
+down at once (passive check), and the loop brings it back. Changes are
 reported through one callback, so this module knows nothing of windows or metrics.
 """
 
@@ -17,6 +19,9 @@ from gateway.upstream import UpstreamClient, UpstreamUnavailable
 
 log = logging.getLogger("gateway.upstreams")
 
+FAILURES_TO_DOWN = 3
+CHECK_TIMEOUT_S = 5.0
+
 
 @dataclass(slots=True)
 class Upstream:
@@ -27,6 +32,7 @@ class Upstream:
     model: str | None = None
     up: bool = False
     last_error: str | None = None
+    failures: int = 0
 
 
 def upstream_name(base_url: str) -> str:
@@ -67,7 +73,7 @@ class Upstreams:
         await asyncio.gather(*(self.check(u) for u in self.by_name.values()))
 
     async def check(self, upstream: Upstream) -> None:
-        timeout = max(self._interval_s, 1.0)
+        timeout = CHECK_TIMEOUT_S
         try:
             status, _ = await self._client.get(f"{upstream.base_url}/health", timeout)
             if status != 200:
@@ -77,9 +83,12 @@ class Upstreams:
             if model is None:
                 raise UpstreamUnavailable(f"/v1/models answered {status} without a model")
         except UpstreamUnavailable as exc:
-            self.mark(upstream, up=False, error=exc.message)
+            upstream.failures += 1
+            if upstream.failures >= FAILURES_TO_DOWN or not upstream.up:
+                self.mark(upstream, up=False, error=exc.message)
             return
         upstream.model = model
+        upstream.failures = 0
         self.mark(upstream, up=True)
 
     def mark(self, upstream: Upstream, *, up: bool, error: str | None = None) -> None:

