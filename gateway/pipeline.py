@@ -21,7 +21,7 @@ from gateway.config import Config, Task
 from gateway.errors import BadGateway, BadRequest
 from gateway.exchange import Exchange, record
 from gateway.protocol import ClientRequest
-from gateway.proxy import Budget, Step, call_json, dispatch, serve, upstream_body
+from gateway.proxy import Budget, Step, call_json, dispatch, fit, serve, upstream_body
 from gateway.runtime import Runtime
 
 LABEL_FIELD = "sentiment"
@@ -72,6 +72,7 @@ async def _label(rt: Runtime, parent: Exchange, config: Config, task: Task, step
         ),
     )
     try:
+        label_step = await fit(rt, label_step, {})
         ticket = await dispatch(rt, label_ex, label_step)
         try:
             body = upstream_body(rt, label_ex, label_step, ticket, task.max_tokens)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from starlette.responses import Response, StreamingResponse
@@ -30,6 +30,7 @@ from gateway.errors import (
     ServiceUnavailable,
 )
 from gateway.exchange import Exchange, outcome_for_status, record
+from gateway.input_limit import fit_input
 from gateway.protocol import ClientRequest, build_upstream_body, granted_max_tokens
 from gateway.runtime import Runtime
 from gateway.scheduler import Ticket
@@ -96,6 +97,18 @@ def degrade(rt: Runtime, ex: Exchange, step: Step) -> int:
     ex.degraded = True
     rt.metrics.degraded.labels(step.task.name).inc()
     return policy.max_tokens
+
+
+async def fit(rt: Runtime, step: Step, headers: dict[str, str]) -> Step:
+    """The step with its input within the task's budget (truncated or refused)."""
+    upstream = next((u for u in rt.upstreams.by_name.values() if u.up), None)
+    if upstream is None:
+        raise ServiceUnavailable("no upstream is ready; retry shortly", code="no_upstream")
+    request, trimmed = await fit_input(rt.client, upstream.base_url, step.task, step.request)
+    if trimmed is None:
+        return step
+    headers["X-Input-Truncated"] = f"tokens={trimmed.original_tokens}->{trimmed.kept_tokens}"
+    return replace(step, request=request)
 
 
 async def dispatch(rt: Runtime, ex: Exchange, step: Step) -> Ticket:
@@ -350,6 +363,7 @@ async def serve(
     A stream's slot is released by its relay when the stream ends; everything else releases
     it here before returning.
     """
+    step = await fit(rt, step, headers)
     max_tokens = degrade(rt, ex, step)
     if ex.degraded:
         headers["X-Degraded"] = f"max_tokens={max_tokens}"

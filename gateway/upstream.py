@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import aiohttp
 
@@ -161,6 +162,20 @@ class UpstreamClient:
         except TimeoutError as exc:
             raise UpstreamTimeout(f"upstream {_origin(url)} did not answer in time") from exc
         return UpstreamResponse(response)
+
+    async def post_json(
+        self, url: str, payload: dict[str, Any], timeout_s: float
+    ) -> dict[str, Any]:
+        """A small JSON call (tokenize, detokenize). Any failure is UpstreamUnavailable."""
+        try:
+            async with asyncio.timeout(timeout_s):
+                async with self._session.post(url, json=payload) as response:
+                    body = await response.json(content_type=None)
+        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+            raise UpstreamUnavailable(f"upstream {_origin(url)} call failed: {exc!r}") from exc
+        if response.status != 200 or not isinstance(body, dict):
+            raise UpstreamUnavailable(f"upstream {_origin(url)} answered {response.status}")
+        return body
 
     async def get(self, url: str, timeout_s: float) -> tuple[int, bytes]:
         """A small GET (health, models, metrics). Errors become UpstreamUnavailable."""

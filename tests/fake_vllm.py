@@ -51,6 +51,7 @@ class FakeVllm:
     max_running: int = 0
     aborted: int = 0
     finished: int = 0
+    tokenize_calls: int = 0
     client_gone: asyncio.Event = field(default_factory=asyncio.Event)
     url: str = ""
     _runner: web.AppRunner | None = None
@@ -62,6 +63,8 @@ class FakeVllm:
         app.router.add_get("/metrics", self._metrics)
         app.router.add_post("/v1/chat/completions", self._chat)
         app.router.add_post("/v1/completions", self._completions)
+        app.router.add_post("/tokenize", self._tokenize)
+        app.router.add_post("/detokenize", self._detokenize)
         # Cancel handlers when the client goes away, as vLLM aborts a request whose client left.
         self._runner = web.AppRunner(
             app, handle_signals=False, access_log=None, handler_cancellation=True
@@ -92,6 +95,17 @@ class FakeVllm:
             f'vllm:kv_cache_usage_perc{{model_name="{self.model}"}} 0.1\n'
         )
         return web.Response(text=text)
+
+    async def _tokenize(self, request: web.Request) -> web.Response:
+        # One token per character: simple, and enough to test budgets and truncation.
+        body = await request.json()
+        tokens = [ord(c) for c in body.get("prompt", "")]
+        self.tokenize_calls += 1
+        return web.json_response({"count": len(tokens), "max_model_len": 4096, "tokens": tokens})
+
+    async def _detokenize(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        return web.json_response({"prompt": "".join(chr(t) for t in body["tokens"])})
 
     async def _chat(self, request: web.Request) -> web.StreamResponse:
         return await self._generate(request, chat=True)

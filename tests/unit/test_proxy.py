@@ -1,0 +1,97 @@
+"""Degradation under overload and shedding, through the gateway."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+
+from gateway.config import parse_config
+from tests.fake_vllm import FakeVllm
+from tests.unit.conftest import GatewayFactory
+
+USER = [{"role": "user", "content": "hello"}]
+
+
+async def test_chat_is_degraded_when_the_predicted_wait_is_long(
+    start_gateway: GatewayFactory, fake: FakeVllm
+) -> None:
+    config = parse_config(
+        {
+            "tasks": {
+                "chat": {
+                    "class": "interactive",
+                    "max_tokens": 256,
+                    "degrade": {"when_wait_s": 0.05, "max_tokens": 16},
+                    "queue_deadline_s": 30,
+                },
+                "filler": {"class": "realtime", "queue_deadline_s": 30},
+            }
+        }
+    )
+    fake.behaviour.first_token_delay_s = 0.2
+    async with (
+        start_gateway(config, window=1) as url,
+        httpx.AsyncClient(base_url=url, timeout=30) as c,
+    ):
+        calm = await c.post("/v1/chat/completions", json={"model": "chat", "messages": USER})
+        assert "x-degraded" not in calm.headers
+        assert fake.seen[-1].body["max_tokens"] == 256
+        # A backlog: the drain rate is known (one done), the window is full, work is queued.
+        backlog = [
+            asyncio.create_task(
+                c.post("/v1/chat/completions", json={"model": "filler", "messages": USER})
+            )
+            for _ in range(4)
+        ]
+        while len(fake.seen) < 2:
+            await asyncio.sleep(0.01)
+        busy = await c.post("/v1/chat/completions", json={"model": "chat", "messages": USER})
+        await asyncio.gather(*backlog)
+        assert busy.status_code == 200
+        assert busy.headers["x-degraded"] == "max_tokens=16"
+        assert fake.seen[-1].body["max_tokens"] == 16
+        metrics = (await c.get("/metrics")).text
+        assert 'gateway_degraded_total{task="chat"} 1.0' in metrics
+
+
+async def test_a_full_queue_sheds_the_least_important_request(
+    start_gateway: GatewayFactory, fake: FakeVllm
+) -> None:
+    config = parse_config(
+        {
+            "queue": {"max_queued": 2},
+            "tasks": {
+                "rt": {"class": "realtime", "queue_deadline_s": 30},
+                "bg": {"class": "background", "queue_deadline_s": 30},
+            },
+        }
+    )
+    fake.behaviour.first_token_delay_s = 0.3
+    async with (
+        start_gateway(config, window=1) as url,
+        httpx.AsyncClient(base_url=url, timeout=30) as c,
+    ):
+
+        def send(task: str) -> asyncio.Task[httpx.Response]:
+            return asyncio.create_task(
+                c.post("/v1/chat/completions", json={"model": task, "messages": USER})
+            )
+
+        running = send("bg")
+        while not fake.seen:
+            await asyncio.sleep(0.01)
+        old_bg = send("bg")
+        await asyncio.sleep(0.05)
+        new_bg = send("bg")
+        await asyncio.sleep(0.05)
+        rt = send("rt")  # the queue (2) is full: the newest background request makes room
+        shed = await new_bg
+        assert shed.status_code == 503
+        assert shed.json()["error"]["code"] == "shed"
+        assert int(shed.headers["retry-after"]) >= 1
+        for task in (running, old_bg, rt):
+            assert (await task).status_code == 200
+        metrics = (await c.get("/metrics")).text
+        assert 'gateway_rejections_total{priority_class="background",reason="shed"} 1.0' in metrics
+        assert 'gateway_queue_depth{priority_class="background"} 0.0' in metrics
