@@ -112,8 +112,11 @@ class Expiry:
 class Window:
     """One upstream's dispatch window.
 
-    ``external`` is the load the upstream itself reports (running + waiting, scraped from
-    its metrics); with several gateways sharing an upstream it can exceed our own count.
+    ``external`` is load on the upstream that is not ours: what it reports (running + waiting,
+    scraped from its metrics) minus what we had in flight at that moment. Several gateways
+    sharing one vLLM thus see each other's work. It must not include our own requests: the
+    scraped count is up to a scrape interval old, and counting our finished requests in it
+    would hold the window shut.
     """
 
     name: str
@@ -124,7 +127,7 @@ class Window:
 
     @property
     def occupied(self) -> int:
-        return max(self.inflight, self.external)
+        return self.inflight + self.external
 
     def has_room(self, reserved: int) -> bool:
         return self.usable and self.occupied < self.size - reserved

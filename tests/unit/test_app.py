@@ -35,7 +35,7 @@ async def test_sentiment_is_shaped_by_its_task(client: httpx.AsyncClient, fake: 
     sent = fake.seen[-1].body
     assert sent["structured_outputs"] == {"choice": ["positive", "negative"]}
     assert sent["priority"] == -40  # realtime, converted to vLLM's lower-first scale
-    assert sent["max_tokens"] == 8
+    assert sent["max_tokens"] == 10
     assert sent["messages"][0]["role"] == "system"
     assert sent["model"] == fake.model
 
