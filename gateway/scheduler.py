@@ -134,34 +134,63 @@ class Window:
 
 
 class ClassQueue:
-    """The waiting tickets of one class, in key order (arrival order within a class)."""
+    """The waiting tickets of one class: FIFO per tenant, round robin across tenants.
+
+    One tenant's flood cannot starve another tenant of the same class: each dispatch from
+    this class takes the head of the next tenant in turn. With a single tenant (no API keys)
+    it is plain arrival order. Each tenant's list is kept in key order.
+    """
 
     def __init__(self) -> None:
-        self._items: list[tuple[float, int, Ticket]] = []
+        self._by_tenant: dict[str, list[tuple[float, int, Ticket]]] = {}
+        self._turns: deque[str] = deque()  # tenants with waiting work, next one first
+        self._len = 0
 
     def __len__(self) -> int:
-        return len(self._items)
+        return self._len
 
     def __iter__(self) -> Iterator[Ticket]:
-        return (item[2] for item in self._items)
+        return (item[2] for items in self._by_tenant.values() for item in items)
 
     def push(self, ticket: Ticket) -> None:
-        bisect.insort(self._items, (ticket.key, ticket.seq, ticket), key=lambda i: i[:2])
+        items = self._by_tenant.setdefault(ticket.tenant, [])
+        if not items:
+            self._turns.append(ticket.tenant)
+        bisect.insort(items, (ticket.key, ticket.seq, ticket), key=lambda i: i[:2])
+        self._len += 1
 
     def head(self) -> Ticket | None:
-        return self._items[0][2] if self._items else None
+        return self._by_tenant[self._turns[0]][0][2] if self._turns else None
 
     def newest(self) -> Ticket | None:
-        return self._items[-1][2] if self._items else None
+        """The newest ticket of the tenant with the most waiting: what to shed first."""
+        if not self._turns:
+            return None
+        heaviest = max(self._turns, key=lambda tenant: len(self._by_tenant[tenant]))
+        return self._by_tenant[heaviest][-1][2]
+
+    def take(self, ticket: Ticket) -> None:
+        """Remove the head being dispatched; its tenant's next ticket waits for a new turn."""
+        self.remove(ticket)
+        if self._turns and self._turns[0] == ticket.tenant:
+            self._turns.rotate(-1)
 
     def remove(self, ticket: Ticket) -> None:
-        index = bisect.bisect_left(self._items, (ticket.key, ticket.seq), key=lambda i: i[:2])
-        assert self._items[index][2] is ticket, "ticket not in its class queue"
-        del self._items[index]
+        items = self._by_tenant[ticket.tenant]
+        index = bisect.bisect_left(items, (ticket.key, ticket.seq), key=lambda i: i[:2])
+        assert items[index][2] is ticket, "ticket not in its class queue"
+        del items[index]
+        self._len -= 1
+        if not items:
+            del self._by_tenant[ticket.tenant]
+            self._turns.remove(ticket.tenant)
 
     def count_before(self, key: float) -> int:
         """How many queued tickets would go before a new ticket with this key."""
-        return bisect.bisect_right(self._items, key, key=lambda i: i[0])
+        return sum(
+            bisect.bisect_right(items, key, key=lambda i: i[0])
+            for items in self._by_tenant.values()
+        )
 
 
 class DrainRate:
@@ -321,7 +350,9 @@ class Scheduler:
         released: list[Dispatch | Expiry] = list(self.expire(now))
         while (picked := self._pick(now)) is not None:
             ticket, window = picked
-            self._remove(ticket, State.DISPATCHED)
+            self._queues[ticket.policy.name].take(ticket)
+            self._queued -= 1
+            ticket.state = State.DISPATCHED
             ticket.upstream, ticket.dispatched_at = window.name, now
             ticket.effective_priority = effective_priority(ticket.policy, now - ticket.arrival)
             # Aging mattered iff a more important request is still waiting: with headroom

@@ -5,6 +5,8 @@ No sleeps: every call takes ``now``.
 
 from __future__ import annotations
 
+import itertools
+
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -381,3 +383,60 @@ def test_expiry_removes_exactly_the_tickets_whose_deadline_passed(
     expired = {id(e.ticket) for e in s.expire(now)}
     assert expired == {id(t) for t in tickets if t.queue_deadline <= now}
     assert s.queued == len(tickets) - len(expired)
+
+
+# -- fairness between tenants within a class ------------------------------------------------
+
+
+def test_one_tenants_flood_does_not_starve_another_in_the_same_class() -> None:
+    s = scheduler(window=1)
+    blocker = ticket(RT, 0.0)
+    s.admit(blocker, 0.0)
+    s.dispatch(0.0)
+    flood = [ticket(BATCH, 1.0 + i / 100, tenant="flooder") for i in range(20)]
+    admit_all(s, flood, 1.0)
+    polite = [ticket(BATCH, 2.0 + i, tenant="polite") for i in range(3)]
+    admit_all(s, polite, 5.0)
+    order = []
+    running = blocker
+    for step in range(8):
+        s.release(running, 10.0 + step)
+        (running,) = dispatched(s.dispatch(10.0 + step))
+        order.append(running.tenant)
+    assert order[:6] == ["flooder", "polite"] * 3
+    assert order[6:] == ["flooder", "flooder"]
+
+
+def test_shedding_takes_from_the_heaviest_tenant() -> None:
+    s = scheduler(window=1, max_queued=4)
+    s.admit(ticket(RT, 0.0), 0.0)
+    s.dispatch(0.0)
+    heavy = [ticket(BG, 1.0 + i, tenant="heavy") for i in range(3)]
+    light = ticket(BG, 9.0, tenant="light")  # the newest overall, but its tenant has one
+    admit_all(s, [*heavy, light], 9.0)
+    result = s.admit(ticket(RT, 10.0), 10.0)
+    assert isinstance(result, Admitted)
+    assert result.shed == (heavy[-1],)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.sampled_from(["a", "b", "c"]), min_size=1, max_size=40))
+def test_every_waiting_tenant_is_served_within_one_round(tenants: list[str]) -> None:
+    """Between two dispatches of a waiting tenant, each other tenant gets at most one."""
+    s = scheduler(window=1)
+    running = ticket(RT, 0.0)
+    s.admit(running, 0.0)
+    s.dispatch(0.0)
+    admit_all(s, [ticket(STD, 1.0 + i, tenant=t) for i, t in enumerate(tenants)], 50.0)
+    order = []
+    now = 100.0
+    while s.queued:
+        s.release(running, now)
+        (running,) = dispatched(s.dispatch(now))
+        order.append(running.tenant)
+        now += 1
+    for tenant in set(order):
+        positions = [i for i, t in enumerate(order) if t == tenant]
+        for a, b in itertools.pairwise(positions):
+            between = order[a + 1 : b]
+            assert all(between.count(other) <= 1 for other in set(between)), order
