@@ -14,6 +14,8 @@ import logging
 import signal
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from functools import partial
+from importlib import resources
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
@@ -21,7 +23,7 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import ClientDisconnect, Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import Receive
 
@@ -32,8 +34,9 @@ from gateway.middleware import RequestIdMiddleware
 from gateway.pipeline import assist
 from gateway.protocol import Endpoint, parse_json, parse_request
 from gateway.proxy import Budget, Step, serve
-from gateway.runtime import Runtime, build_runtime, close_runtime
+from gateway.runtime import Runtime, build_runtime, close_runtime, start_background
 from gateway.settings import Settings
+from gateway.status import snapshot
 
 log = logging.getLogger("gateway")
 
@@ -49,13 +52,13 @@ def create_app(settings: Settings, config: Config | None = None) -> Starlette:
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
         runtime = build_runtime(settings, config, CollectorRegistry(auto_describe=True))
-        health = asyncio.create_task(runtime.upstreams.run(), name="upstream-health")
+        background = start_background(runtime)
         hup = _on_sighup(lambda: runtime.reload(settings.tasks_path))
         try:
             yield {"runtime": runtime}
         finally:
             hup()
-            await close_runtime(runtime, health)
+            await close_runtime(runtime, background)
 
     routes = [
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),
@@ -64,6 +67,8 @@ def create_app(settings: Settings, config: Config | None = None) -> Starlette:
         Route("/health", health, methods=["GET"]),
         Route("/ready", ready, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
+        Route("/status", partial(status_page, _static("status.html")), methods=["GET"]),
+        Route("/status.json", status_json, methods=["GET"]),
     ]
     return Starlette(
         routes=routes,
@@ -246,6 +251,20 @@ async def ready(request: Request) -> Response:
 async def metrics(request: Request) -> Response:
     rt: Runtime = request.state.runtime
     return Response(generate_latest(rt.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+async def status_page(page: bytes, request: Request) -> Response:
+    return HTMLResponse(page, headers={"Cache-Control": "no-cache"})
+
+
+async def status_json(request: Request) -> Response:
+    rt: Runtime = request.state.runtime
+    return JSONResponse(snapshot(rt), headers={"Cache-Control": "no-store"})
+
+
+def _static(name: str) -> bytes:
+    """A file shipped in ``gateway/static`` (package data), read once when the app is built."""
+    return resources.files("gateway").joinpath("static", name).read_bytes()
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:

@@ -94,11 +94,14 @@ def record(exchange: Exchange, metrics: Metrics, now: float, *, log: bool) -> No
     task, pclass = exchange.task, exchange.priority_class
     metrics.requests.labels(task, pclass, exchange.outcome).inc()
     if task != UNKNOWN_TASK and pclass != "none":
-        metrics.duration.labels(task, pclass).observe(now - exchange.arrival)
+        duration, ttft = now - exchange.arrival, exchange.ttft_s
+        metrics.duration.labels(task, pclass).observe(duration)
         if exchange.queue_s is not None:
             metrics.queue_wait.labels(task, pclass).observe(exchange.queue_s)
-        if exchange.ttft_s is not None:
-            metrics.ttft.labels(task, pclass).observe(exchange.ttft_s)
+        if ttft is not None:
+            metrics.ttft.labels(task, pclass).observe(ttft)
+        if metrics.on_request is not None:
+            metrics.on_request(task, exchange.outcome, now, duration, ttft, exchange.error_code)
     if log and access_logger.isEnabledFor(logging.INFO):
         access_logger.info(json.dumps(_log_fields(exchange, now), ensure_ascii=False))
 

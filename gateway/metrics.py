@@ -33,6 +33,14 @@ DEADLINE_STAGES = ("queue", "dispatch", "upstream")
 #: Label value for requests that never resolved to a configured task.
 UNKNOWN_TASK = "_unknown"
 
+#: How a task table reload ended (the ``result`` label of reloads).
+RELOAD_RESULTS = ("ok", "refused")
+
+#: Called once per finished request of a known task with
+#: ``(task, outcome, now, duration_s, ttft_s, error_code)``; the status page's recent window
+#: (:class:`gateway.status.Recent`) listens here. It runs on the hot path: keep it O(1).
+RequestHook = Callable[[str, str, float, float, float | None, str | None], None]
+
 
 class Metrics:
     """Every metric the gateway exports, registered in ``registry``."""
@@ -96,6 +104,37 @@ class Metrics:
             "gateway_shed_total", "Queued requests evicted for a more important arrival.",
             ["priority_class"], registry=registry,
         )  # fmt: skip
+        # Capacity and the upstreams' own view of their load (scraped from vLLM's /metrics).
+        self.queue_capacity = Gauge(
+            "gateway_queue_capacity", "Requests a class may have waiting (its max_queued).",
+            ["priority_class"], registry=registry,
+        )  # fmt: skip
+        self.window_size = Gauge(
+            "gateway_window_size", "In-flight requests the gateway allows per upstream.",
+            ["upstream"], registry=registry,
+        )  # fmt: skip
+        self.upstream_running = Gauge(
+            "gateway_upstream_running",
+            "Requests the upstream reports running (vLLM's num_requests_running, all clients).",
+            ["upstream"], registry=registry,
+        )  # fmt: skip
+        self.upstream_waiting = Gauge(
+            "gateway_upstream_waiting",
+            "Requests the upstream reports waiting (vLLM's num_requests_waiting, all clients).",
+            ["upstream"], registry=registry,
+        )  # fmt: skip
+        self.upstream_kv_cache = Gauge(
+            "gateway_upstream_kv_cache_usage_ratio",
+            "The upstream's KV cache usage, 0 to 1 (vLLM's kv_cache_usage_perc).",
+            ["upstream"], registry=registry,
+        )  # fmt: skip
+        self.reloads = Counter(
+            "gateway_task_table_reloads_total", "Task table reloads, by result.",
+            ["result"], registry=registry,
+        )  # fmt: skip
+        for result in RELOAD_RESULTS:
+            self.reloads.labels(result)
+        self.on_request: RequestHook | None = None
         self.preinitialise(tasks, classes, upstreams)
 
     def preinitialise(
@@ -114,12 +153,24 @@ class Metrics:
                 self.deadline_exceeded.labels(task, stage)
             self.degraded.labels(task)
         for pclass in classes:
+            self.queue_capacity.labels(pclass)
             for reason in REJECTION_REASONS:
                 self.rejections.labels(pclass, reason)
             self.boosts.labels(pclass)
             self.shed.labels(pclass)
         for upstream in upstreams:
-            self.upstream_up.labels(upstream)
+            for gauge in (
+                self.upstream_up, self.upstream_running, self.upstream_waiting,
+                self.upstream_kv_cache, self.window_size,
+            ):  # fmt: skip
+                gauge.labels(upstream)
+
+    def set_upstream_load(
+        self, upstream: str, running: float, waiting: float, kv_cache_usage: float
+    ) -> None:
+        self.upstream_running.labels(upstream).set(running)
+        self.upstream_waiting.labels(upstream).set(waiting)
+        self.upstream_kv_cache.labels(upstream).set(kv_cache_usage)
 
     def watch_queue(self, class_name: str, depth: Callable[[], float]) -> None:
         """Read the queue depth at scrape time, so the gauge can never drift from the truth."""
@@ -127,3 +178,10 @@ class Metrics:
 
     def watch_inflight(self, upstream: str, inflight: Callable[[], float]) -> None:
         self.inflight.labels(upstream).set_function(inflight)
+
+    def watch_capacity(self, class_name: str, max_queued: Callable[[], float]) -> None:
+        """Read the class's queue bound at scrape time (a reload may change it)."""
+        self.queue_capacity.labels(class_name).set_function(max_queued)
+
+    def watch_window(self, upstream: str, size: Callable[[], float]) -> None:
+        self.window_size.labels(upstream).set_function(size)

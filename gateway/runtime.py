@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -19,7 +20,9 @@ from gateway.config import Config, ConfigError, load_config
 from gateway.dispatch import Dispatcher
 from gateway.metrics import Metrics
 from gateway.scheduler import Scheduler, Window
+from gateway.scrape import Scraper, VllmLoad
 from gateway.settings import Settings
+from gateway.status import Recent
 from gateway.upstream import Limits, Timeouts, UpstreamClient
 from gateway.upstreams import Upstream, Upstreams, upstream_name
 
@@ -50,6 +53,8 @@ class Runtime:
     dispatcher: Dispatcher
     client: UpstreamClient
     upstreams: Upstreams
+    scraper: Scraper
+    recent: Recent
     ttft: Ewma = field(default_factory=Ewma)
 
     def reload(self, path: Path | None) -> bool:
@@ -58,6 +63,7 @@ class Runtime:
             config = load_config(path)
         except ConfigError as exc:
             log.error("task table reload refused, keeping the old one: %s", exc)
+            self.metrics.reloads.labels("refused").inc()
             return False
         self.config = config
         self.scheduler.reconfigure(config.classes, config.max_queued)
@@ -66,6 +72,7 @@ class Runtime:
             config.classes.names(),
             self.upstreams.by_name,
         )
+        self.metrics.reloads.labels("ok").inc()
         self.dispatcher.kick()
         log.info("task table reloaded: %s", ", ".join(config.task_names()))
         return True
@@ -93,15 +100,53 @@ def build_runtime(settings: Settings, config: Config, registry: CollectorRegistr
         dispatcher.kick()
 
     upstreams = Upstreams(settings.upstreams, client, on_change, settings.health_interval_s)
+
+    def on_load(name: str, load: VllmLoad | None) -> None:
+        # Other clients' requests at the upstream (e.g. other gateways'); a stale or missing
+        # reading counts as none, so it can never hold the window shut.
+        scheduler.windows[name].external = 0 if load is None else load.others
+        if load is None:
+            metrics.set_upstream_load(name, 0.0, 0.0, 0.0)
+        else:
+            metrics.set_upstream_load(name, load.running, load.waiting, load.kv_cache_usage or 0.0)
+        dispatcher.kick()
+
+    scraper = Scraper(
+        upstreams.by_name.values(),
+        client,
+        on_load,
+        settings.health_interval_s,
+        dispatcher.now,
+        ours=lambda name: scheduler.windows[name].inflight,
+    )
+    recent = Recent()
+    metrics.on_request = recent.add
     for pclass in config.classes.names():
         metrics.watch_queue(pclass, partial(scheduler.depth, pclass))
+        metrics.watch_capacity(pclass, partial(_class_capacity, scheduler, pclass))
     for window in windows:
         metrics.watch_inflight(window.name, partial(getattr, window, "inflight"))
-    return Runtime(settings, config, metrics, scheduler, dispatcher, client, upstreams)
+        metrics.watch_window(window.name, partial(getattr, window, "size"))
+    return Runtime(
+        settings, config, metrics, scheduler, dispatcher, client, upstreams, scraper, recent
+    )
 
 
-async def close_runtime(runtime: Runtime, health: asyncio.Task[None] | None) -> None:
-    if health is not None:
-        health.cancel()
-        await asyncio.gather(health, return_exceptions=True)
+def _class_capacity(scheduler: Scheduler, pclass: str) -> int:
+    return scheduler.classes[pclass].max_queued  # read live: a reload may change it
+
+
+def start_background(runtime: Runtime) -> list[asyncio.Task[None]]:
+    """Start the loops that watch the upstreams: health checks and metrics scraping."""
+    return [
+        asyncio.create_task(runtime.upstreams.run(), name="upstream-health"),
+        asyncio.create_task(runtime.scraper.run(), name="upstream-metrics"),
+    ]
+
+
+async def close_runtime(runtime: Runtime, background: Iterable[asyncio.Task[None]] = ()) -> None:
+    tasks = list(background)
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
     await runtime.client.close()
