@@ -9,6 +9,7 @@ from collections.abc import Sequence
 import uvicorn
 
 from gateway.app import create_app
+from gateway.auth import load_keyring
 from gateway.config import ConfigError
 from gateway.settings import parse_settings
 
@@ -28,17 +29,39 @@ def configure_logging(level: str) -> None:
     access.setLevel(logging.INFO)
 
 
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def listen_host(host: str, *, keys_enabled: bool) -> str:
+    """Without API keys the gateway serves loopback only, whatever --host says, and says so."""
+    log = logging.getLogger("gateway")
+    if keys_enabled:
+        return host
+    if host not in LOOPBACK:
+        log.warning(
+            "no API keys configured: listening on 127.0.0.1 only, not %s "
+            "(configure keys with --keys or GATEWAY_API_KEYS to serve other hosts)",
+            host,
+        )
+        return "127.0.0.1"
+    log.info("no API keys configured: serving local clients on %s only", host)
+    return host
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     settings = parse_settings(argv)
     configure_logging(settings.log_level)
+    log = logging.getLogger("gateway")
     try:
         app = create_app(settings)
+        keys = load_keyring(settings.keys_path, settings.env_keys)
     except ConfigError as exc:
-        logging.getLogger("gateway").error("invalid task table: %s", exc)
+        log.error("invalid configuration: %s", exc)
         return 2
+    host = listen_host(settings.host, keys_enabled=keys.enabled)
     uvicorn.run(
         app,
-        host=settings.host,
+        host=host,
         port=settings.port,
         loop="uvloop",
         http="httptools",

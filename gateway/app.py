@@ -27,8 +27,16 @@ from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingR
 from starlette.routing import Route
 from starlette.types import Receive
 
+from gateway.auth import Tenant, load_keyring
 from gateway.config import Config, Task, load_config
-from gateway.errors import BadRequest, GatewayError, PayloadTooLarge, TaskNotFound
+from gateway.errors import (
+    BadRequest,
+    Forbidden,
+    GatewayError,
+    PayloadTooLarge,
+    RateLimited,
+    TaskNotFound,
+)
 from gateway.exchange import Exchange, outcome_for_status, record
 from gateway.middleware import RequestIdMiddleware
 from gateway.pipeline import assist
@@ -46,12 +54,14 @@ class ClientGone(Exception):
 
 
 def create_app(settings: Settings, config: Config | None = None) -> Starlette:
-    """The gateway as an ASGI app. Raises ConfigError at once if the task table is invalid."""
+    """The gateway as an ASGI app. Raises ConfigError at once if the task table or the keys
+    are invalid."""
     config = config or load_config(settings.tasks_path)
+    keys = load_keyring(settings.keys_path, settings.env_keys)
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
-        runtime = build_runtime(settings, config, CollectorRegistry(auto_describe=True))
+        runtime = build_runtime(settings, config, CollectorRegistry(auto_describe=True), keys)
         background = start_background(runtime)
         hup = _on_sighup(lambda: runtime.reload(settings.tasks_path))
         try:
@@ -92,9 +102,10 @@ async def _handle(request: Request, endpoint: Endpoint) -> Response:
     ex = Exchange(request_id, rt.dispatcher.now())
     headers = {"X-Request-Id": request_id}
     try:
+        tenant = rt.keys.identify(request.headers.get("authorization"))
         raw = await _read_body(request, rt.settings.max_body_bytes)
         async with _cancel_on_disconnect(request.receive):
-            response = await _route(rt, ex, request, endpoint, raw, headers)
+            response = await _route(rt, ex, request, endpoint, raw, headers, tenant)
     except GatewayError as exc:
         ex.fail(exc.status, outcome_for_status(exc.status, exc.code), exc.code)
         response = Response(
@@ -122,11 +133,13 @@ async def _route(
     endpoint: Endpoint,
     raw: bytes,
     headers: dict[str, str],
+    tenant: Tenant,
 ) -> Response:
     body = parse_json(raw)
     config = rt.config  # one table for the whole request, even if a reload lands meanwhile
     task = _resolve_task(config, body.get("model"), request.headers.get("x-task"))
     ex.task = task.name
+    tenant.check_task(task.name)
     base = config.classes[task.priority_class]
     wanted = request.headers.get("x-priority")
     if wanted is not None and wanted not in config.classes:
@@ -135,15 +148,32 @@ async def _route(
             param="X-Priority",
             code="invalid_value",
         )
-    policy = config.classes.lowered(base, wanted)
+    ceiling = config.classes[tenant.ceiling()]
+    if wanted is not None and config.classes[wanted].rank < ceiling.rank:
+        raise Forbidden(
+            f"this API key may not use the {wanted} class (its ceiling is {ceiling.name})",
+            param="X-Priority",
+            code="class_not_allowed",
+        )
+    # The key's ceiling caps every request: a task above it runs at the ceiling.
+    policy = config.classes.lowered(config.classes.lowered(base, wanted), ceiling.name)
     ex.priority_class = policy.name
     client_request = parse_request(endpoint, body)
+    try:
+        tenant.admit(rt.dispatcher.now())
+    except RateLimited as exc:
+        rt.metrics.rejections.labels(policy.name, exc.code or "rate_limited").inc()
+        raise
+    ex.on_done = lambda done: tenant.done(
+        rt.dispatcher.now(), (done.prompt_tokens or 0) + (done.completion_tokens or 0)
+    )
     ex.stream = client_request.stream
     step = Step(
         task,
         policy,
         client_request,
         Budget.for_task(task, request.headers.get("x-request-deadline-ms")),
+        tenant=tenant.name,
     )
     headers["X-Task"] = task.name
     headers["X-Priority-Class"] = policy.name

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from gateway.metrics import UNKNOWN_TASK, Metrics
@@ -38,6 +39,7 @@ class Exchange:
     degraded: bool = False
     boosted: bool = False
     label: str | None = None
+    on_done: Callable[[Exchange], None] | None = None  # e.g. the tenant's limits
 
     @property
     def queue_s(self) -> float | None:
@@ -91,6 +93,8 @@ def outcome_for_status(status: int, code: str | None) -> str:
 def record(exchange: Exchange, metrics: Metrics, now: float, *, log: bool) -> None:
     """The request is over: observe its metrics and write its access-log line."""
     exchange.finished_at = now
+    if exchange.on_done is not None:
+        exchange.on_done(exchange)
     task, pclass = exchange.task, exchange.priority_class
     metrics.requests.labels(task, pclass, exchange.outcome).inc()
     if task != UNKNOWN_TASK and pclass != "none":

@@ -84,6 +84,7 @@ class Step:
     budget: Budget
     extra_system: str | None = None
     queued_at: float | None = None  # when this step joined the queue, if not at arrival
+    tenant: str = ""  # for fairness between tenants inside a class
 
 
 def degrade(rt: Runtime, ex: Exchange, step: Step) -> int:
@@ -123,6 +124,7 @@ async def dispatch(rt: Runtime, ex: Exchange, step: Step) -> Ticket:
         queue_deadline=ex.arrival + min(step.budget.queue_s, step.budget.total_s),
         deadline=ex.arrival + step.budget.total_s,  # deadlines count from the client's arrival
         need_s=rt.ttft.get(step.task.name),
+        tenant=step.tenant,
     )
     await rt.dispatcher.acquire(ticket)
     ex.dispatched_at = ticket.dispatched_at

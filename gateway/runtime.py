@@ -16,6 +16,7 @@ from pathlib import Path
 
 from prometheus_client import CollectorRegistry
 
+from gateway.auth import KeyRing, load_keyring
 from gateway.config import Config, ConfigError, load_config
 from gateway.dispatch import Dispatcher
 from gateway.metrics import Metrics
@@ -55,17 +56,22 @@ class Runtime:
     upstreams: Upstreams
     scraper: Scraper
     recent: Recent
+    keys: KeyRing
     ttft: Ewma = field(default_factory=Ewma)
 
     def reload(self, path: Path | None) -> bool:
-        """Swap in a new task table; keep the old one (and say why) if the new one is invalid."""
+        """Swap in a new task table and keys; keep the old ones (and say why) if one is invalid.
+
+        Reloaded keys start with fresh rate buckets and concurrency counts.
+        """
         try:
             config = load_config(path)
+            keys = load_keyring(self.settings.keys_path, self.settings.env_keys)
         except ConfigError as exc:
             log.error("task table reload refused, keeping the old one: %s", exc)
             self.metrics.reloads.labels("refused").inc()
             return False
-        self.config = config
+        self.config, self.keys = config, keys
         self.scheduler.reconfigure(config.classes, config.max_queued)
         self.metrics.preinitialise(
             ((t.name, t.priority_class) for t in config.tasks.values()),
@@ -78,7 +84,9 @@ class Runtime:
         return True
 
 
-def build_runtime(settings: Settings, config: Config, registry: CollectorRegistry) -> Runtime:
+def build_runtime(
+    settings: Settings, config: Config, registry: CollectorRegistry, keys: KeyRing
+) -> Runtime:
     """Assemble a runtime. Call inside the running event loop (the client and timers need it)."""
     client = UpstreamClient(
         Timeouts(connect=settings.connect_timeout_s, read_gap=settings.read_timeout_s), Limits()
@@ -128,7 +136,7 @@ def build_runtime(settings: Settings, config: Config, registry: CollectorRegistr
         metrics.watch_inflight(window.name, partial(getattr, window, "inflight"))
         metrics.watch_window(window.name, partial(getattr, window, "size"))
     return Runtime(
-        settings, config, metrics, scheduler, dispatcher, client, upstreams, scraper, recent
+        settings, config, metrics, scheduler, dispatcher, client, upstreams, scraper, recent, keys
     )
 
 

@@ -26,6 +26,8 @@ class Settings:
     upstreams: tuple[str, ...] = ("http://127.0.0.1:8000",)
     window: int = 8
     tasks_path: Path | None = None
+    keys_path: Path | None = None
+    env_keys: str | None = None  # GATEWAY_API_KEYS; never a flag, so keys stay out of `ps`
     max_body_bytes: int = 1_048_576
     connect_timeout_s: float = 5.0
     read_timeout_s: float = 60.0
@@ -40,6 +42,7 @@ _ENV = {
     "upstreams": "UPSTREAMS",
     "window": "GATEWAY_WINDOW",
     "tasks": "GATEWAY_TASKS",
+    "keys": "GATEWAY_KEYS",
     "max_body_bytes": "GATEWAY_MAX_BODY_BYTES",
     "connect_timeout": "GATEWAY_CONNECT_TIMEOUT",
     "read_timeout": "GATEWAY_READ_TIMEOUT",
@@ -73,6 +76,7 @@ def parse_settings(
     opt("upstreams", ",".join(d.upstreams), "comma-separated vLLM base URLs")
     opt("window", d.window, "requests in flight per upstream (its --max-num-seqs)", int)
     opt("tasks", None, "task table TOML (default: the shipped one)")
+    opt("keys", None, "API keys TOML (plain keys also from GATEWAY_API_KEYS=tenant:key,...)")
     opt("max_body_bytes", d.max_body_bytes, "largest accepted request body", int)
     opt("connect_timeout", d.connect_timeout_s, "upstream connect timeout, seconds", float)
     opt("read_timeout", d.read_timeout_s, "longest silence between stream chunks, seconds", float)
@@ -91,6 +95,8 @@ def parse_settings(
         upstreams=upstreams,
         window=a.window,
         tasks_path=Path(a.tasks) if a.tasks else None,
+        keys_path=Path(a.keys) if a.keys else None,
+        env_keys=env.get("GATEWAY_API_KEYS"),
         max_body_bytes=a.max_body_bytes,
         connect_timeout_s=a.connect_timeout,
         read_timeout_s=a.read_timeout,
