@@ -11,6 +11,7 @@ from typing import Any
 import httpx
 from prometheus_client import CollectorRegistry
 
+from gateway.auth import KeyRing
 from gateway.config import Config, default_config_path, load_config, parse_config
 from gateway.runtime import build_runtime, close_runtime
 from gateway.settings import Settings
@@ -188,7 +189,7 @@ async def test_capacity_and_window_gauges(client: httpx.AsyncClient, fake: FakeV
 async def test_reloads_are_counted_and_capacity_follows_the_table(tmp_path: Path) -> None:
     registry = CollectorRegistry()
     settings = Settings(upstreams=("http://127.0.0.1:9",), access_log=False)
-    runtime = build_runtime(settings, load_config(), registry)
+    runtime = build_runtime(settings, load_config(), registry, KeyRing({}, []))
     try:
 
         def value(name: str, **labels: str) -> float | None:
