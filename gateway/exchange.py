@@ -11,7 +11,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from gateway.metrics import UNKNOWN_TASK, Metrics
+from gateway.metrics import SERVED_OUTCOMES, UNKNOWN_TASK, Metrics
 
 access_logger = logging.getLogger("gateway.access")
 
@@ -99,11 +99,12 @@ def record(exchange: Exchange, metrics: Metrics, now: float, *, log: bool) -> No
     metrics.requests.labels(task, pclass, exchange.outcome).inc()
     if task != UNKNOWN_TASK and pclass != "none":
         duration, ttft = now - exchange.arrival, exchange.ttft_s
-        metrics.duration.labels(task, pclass).observe(duration)
+        if exchange.outcome in SERVED_OUTCOMES:
+            metrics.duration.labels(task, pclass).observe(duration)
+            if ttft is not None:
+                metrics.ttft.labels(task, pclass).observe(ttft)
         if exchange.queue_s is not None:
             metrics.queue_wait.labels(task, pclass).observe(exchange.queue_s)
-        if ttft is not None:
-            metrics.ttft.labels(task, pclass).observe(ttft)
         if metrics.on_request is not None:
             metrics.on_request(task, exchange.outcome, now, duration, ttft, exchange.error_code)
     if log and access_logger.isEnabledFor(logging.INFO):

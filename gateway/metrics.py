@@ -24,6 +24,11 @@ OUTCOMES = (
     "ok", "client_error", "rejected", "shed", "deadline", "upstream_error", "cancelled",
 )  # fmt: skip
 
+#: Outcomes whose latency is observed. Fast refusals (rejected, shed, client_error) and
+#: requests the client abandoned (cancelled) would pull the latency percentiles down exactly
+#: when the SLA is in danger; they are counted in gateway_requests_total only.
+SERVED_OUTCOMES = ("ok", "deadline", "upstream_error")
+
 #: Why a request was turned away (the ``reason`` label of rejections).
 REJECTION_REASONS = ("queue_full", "class_queue_full", "shed", "rate_limited", "concurrency")
 
@@ -142,13 +147,14 @@ class Metrics:
     ) -> None:
         """Create the zero series for known label values (again after a reload adds tasks)."""
         classes = tuple(classes)
-        for task, _ in tasks:
-            for pclass in classes:
-                for outcome in OUTCOMES:
-                    self.requests.labels(task, pclass, outcome)
-                self.queue_wait.labels(task, pclass)
-                self.ttft.labels(task, pclass)
-                self.duration.labels(task, pclass)
+        for task, pclass in tasks:
+            # The task's own class only: a lowered class (X-Priority) gets its series on first
+            # use, and task x every class would be thousands of mostly empty histograms.
+            for outcome in OUTCOMES:
+                self.requests.labels(task, pclass, outcome)
+            self.queue_wait.labels(task, pclass)
+            self.ttft.labels(task, pclass)
+            self.duration.labels(task, pclass)
             for stage in DEADLINE_STAGES:
                 self.deadline_exceeded.labels(task, stage)
             self.degraded.labels(task)

@@ -16,7 +16,7 @@ from collections import deque
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from gateway.metrics import REJECTION_REASONS
+from gateway.metrics import REJECTION_REASONS, SERVED_OUTCOMES
 
 if TYPE_CHECKING:  # the runtime holds a Recent; only the snapshot needs the runtime's type
     from gateway.runtime import Runtime
@@ -133,8 +133,9 @@ def _task(
     done: list[Finished],
     now: float,
 ) -> dict[str, Any]:
-    durations = sorted(f.duration_s for f in done)
-    ttfts = sorted(f.ttft_s for f in done if f.ttft_s is not None)
+    served = [f for f in done if f.outcome in SERVED_OUTCOMES]  # as the latency histograms
+    durations = sorted(f.duration_s for f in served)
+    ttfts = sorted(f.ttft_s for f in served if f.ttft_s is not None)
     outcomes: dict[str, int] = {}
     for f in done:
         outcomes[f.outcome] = outcomes.get(f.outcome, 0) + 1
