@@ -204,7 +204,11 @@ def test_gateway_service_reaches_vllm_with_a_matching_window() -> None:
     settings = parse_settings(cmd[3:], env=environment(gateway))
     assert settings.upstreams == (f"http://vllm:{VLLM_PORT}",)
     assert str(settings.window) == max_num_seqs()
-    assert [interpolate(p) for p in gateway["ports"]] == [f"{GATEWAY_PORT}:{GATEWAY_PORT}"]
+    # Published on the host's loopback only: compose ships a development API key.
+    assert [interpolate(p) for p in gateway["ports"]] == [
+        f"127.0.0.1:{GATEWAY_PORT}:{GATEWAY_PORT}"
+    ]
+    assert settings.env_keys, "in a container the gateway needs API keys to listen beyond loopback"
     for name in ("vllm", "vllm-cpu"):
         assert "vllm" in aliases(name), f"{name} must answer to the name vllm"
 
