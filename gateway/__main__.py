@@ -1,10 +1,18 @@
-"""``python -m gateway``: run the gateway with uvicorn (one process, one event loop)."""
+"""``python -m gateway``: run the gateway with uvicorn (one process, one event loop).
+
+SIGTERM or Ctrl-C stops it gracefully (see :mod:`gateway.shutdown`) and the exit status is
+0; a second Ctrl-C stops it at once.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import math
+import signal
+import socket
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import uvicorn
 
@@ -12,6 +20,11 @@ from gateway.app import create_app
 from gateway.auth import load_keyring
 from gateway.config import ConfigError
 from gateway.settings import parse_settings
+from gateway.shutdown import Drain
+
+#: uvicorn's own deadline for open connections, this long after the drain's: by then the
+#: drain has answered every request, so it only ends writes to clients that stopped reading.
+BACKSTOP_S = 2
 
 
 def configure_logging(level: str) -> None:
@@ -48,18 +61,49 @@ def listen_host(host: str, *, keys_enabled: bool) -> str:
     return host
 
 
+class GatewayServer(uvicorn.Server):
+    """uvicorn's server, draining the gateway when it stops listening.
+
+    uvicorn alone would wait for open requests without a limit (or cancel them with a bare
+    500 and cut streams) and, after a signal, re-raise it so the process dies by it.
+    """
+
+    def __init__(self, config: uvicorn.Config, drain: Drain) -> None:
+        super().__init__(config)
+        self.drain = drain
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        log = logging.getLogger("gateway")
+        log.info("shutting down: draining, grace period %.1f s", self.drain.grace_s)
+        self.drain.begin()
+        await super().shutdown(sockets)
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        # A stop that was asked for and done in order is a clean exit: unlike uvicorn, do not
+        # re-raise the signal once the server has stopped.
+        handled = (signal.SIGINT, signal.SIGTERM)
+        previous = {sig: signal.signal(sig, self.handle_exit) for sig in handled}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     settings = parse_settings(argv)
     configure_logging(settings.log_level)
     log = logging.getLogger("gateway")
+    drain = Drain(settings.shutdown_grace_s)
     try:
-        app = create_app(settings)
+        app = create_app(settings, drain=drain)
         keys = load_keyring(settings.keys_path, settings.env_keys)
     except ConfigError as exc:
         log.error("invalid configuration: %s", exc)
         return 2
     host = listen_host(settings.host, keys_enabled=keys.enabled)
-    uvicorn.run(
+    config = uvicorn.Config(
         app,
         host=host,
         port=settings.port,
@@ -68,8 +112,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         access_log=False,  # the gateway writes its own, richer access log
         log_level=settings.log_level,
         timeout_keep_alive=30,
+        timeout_graceful_shutdown=math.ceil(settings.shutdown_grace_s) + BACKSTOP_S,
     )
-    return 0
+    server = GatewayServer(config, drain)
+    server.run()
+    return 0 if server.started else 3  # 3: uvicorn's "startup failed"
 
 
 if __name__ == "__main__":

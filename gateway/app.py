@@ -4,7 +4,8 @@ Everything long-lived is built in the lifespan and reaches handlers as lifespan 
 (``request.state.runtime``); there are no globals. The outer shell of a request is the same
 for every endpoint: read and parse the body, resolve the task, then run the rest under a
 watch that cancels it if the client disconnects (so a request nobody waits for leaves the
-queue, or has its upstream request aborted).
+queue, or has its upstream request aborted), and under the shutdown's watch (so a SIGTERM
+answers it, or lets it finish within the grace period; see :mod:`gateway.shutdown`).
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from gateway.protocol import Endpoint, parse_json, parse_request
 from gateway.proxy import Budget, Step, serve
 from gateway.runtime import Runtime, build_runtime, close_runtime, start_background
 from gateway.settings import Settings
+from gateway.shutdown import Drain
 from gateway.status import snapshot
 
 log = logging.getLogger("gateway")
@@ -53,11 +55,18 @@ class ClientGone(Exception):
     """The client disconnected before its answer started."""
 
 
-def create_app(settings: Settings, config: Config | None = None) -> Starlette:
+def create_app(
+    settings: Settings, config: Config | None = None, *, drain: Drain | None = None
+) -> Starlette:
     """The gateway as an ASGI app. Raises ConfigError at once if the task table or the keys
-    are invalid."""
+    are invalid.
+
+    ``drain`` is the server's handle on graceful shutdown: whoever runs the app calls
+    ``drain.begin()`` when it stops accepting connections (``python -m gateway`` does).
+    """
     config = config or load_config(settings.tasks_path)
     keys = load_keyring(settings.keys_path, settings.env_keys)
+    drain = drain or Drain(settings.shutdown_grace_s)
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
@@ -65,9 +74,10 @@ def create_app(settings: Settings, config: Config | None = None) -> Starlette:
         background = start_background(runtime)
         hup = _on_sighup(lambda: runtime.reload(settings.tasks_path))
         try:
-            yield {"runtime": runtime}
+            yield {"runtime": runtime, "drain": drain}
         finally:
             hup()
+            drain.close()
             await close_runtime(runtime, background)
 
     routes = [
@@ -98,14 +108,20 @@ async def completions(request: Request) -> Response:
 
 async def _handle(request: Request, endpoint: Endpoint) -> Response:
     rt: Runtime = request.state.runtime
+    drain: Drain = request.state.drain
     request_id: str = request.state.request_id
     ex = Exchange(request_id, rt.dispatcher.now())
     headers = {"X-Request-Id": request_id}
     try:
-        tenant = rt.keys.identify(request.headers.get("authorization"))
-        raw = await _read_body(request, rt.settings.max_body_bytes)
-        async with _cancel_on_disconnect(request.receive):
-            response = await _route(rt, ex, request, endpoint, raw, headers, tenant)
+        # Until it reaches an upstream a request is answered at once on SIGTERM; after, it
+        # may run on for the grace period.
+        with drain.watch(started=lambda: ex.dispatched_at is not None):
+            tenant = rt.keys.identify(request.headers.get("authorization"))
+            raw = await _read_body(request, rt.settings.max_body_bytes)
+            async with _cancel_on_disconnect(request.receive):
+                response = await _route(rt, ex, request, endpoint, raw, headers, tenant)
+        if isinstance(response, StreamingResponse):
+            response.body_iterator = drain.stream(response.body_iterator)
     except GatewayError as exc:
         ex.fail(exc.status, outcome_for_status(exc.status, exc.code), exc.code)
         response = Response(
@@ -310,7 +326,10 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 async def _internal_error(request: Request, exc: Exception) -> Response:
     log.exception("unhandled error on %s", request.url.path, exc_info=exc)
     error = GatewayError("internal gateway error; see the gateway log", code="internal_error")
-    return Response(error.body(), status_code=500, media_type="application/json")
+    # This handler runs outside RequestIdMiddleware, so the id is added here.
+    request_id = getattr(request.state, "request_id", None)
+    headers = {"X-Request-Id": request_id} if request_id else None
+    return Response(error.body(), status_code=500, media_type="application/json", headers=headers)
 
 
 def _on_sighup(reload: Any) -> Any:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -20,6 +21,9 @@ from gateway.errors import BadRequest
 Endpoint = Literal["chat", "completions"]
 
 MAX_MESSAGES = 1024
+#: Structures forwarded as they are (``response_format``, ``tool_calls``) may nest this deep.
+#: JSON schemas are nowhere near it; far deeper ones broke encoding the upstream body.
+MAX_DEPTH = 64
 _CHAT_ROLES = {"system", "developer", "user", "assistant", "tool"}
 _SYSTEM_ROLES = {"system", "developer"}
 
@@ -48,12 +52,20 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
+# A JSON string escape for half of a UTF-16 surrogate pair (valid pairs match too).
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
 def parse_json(raw: bytes) -> dict[str, Any]:
     try:
-        # Python's json accepts NaN and Infinity; JSON (and vLLM) does not.
-        body = json.loads(raw, parse_constant=_reject_constant)
+        # JSON between systems is UTF-8 (RFC 8259). Decoding it here, strictly, also refuses
+        # encoded surrogates, which json.loads(bytes) would let through ("surrogatepass").
+        text = raw.decode("utf-8-sig")
     except UnicodeDecodeError:
         raise BadRequest("the request body is not valid UTF-8", code="invalid_json") from None
+    try:
+        # Python's json accepts NaN and Infinity; JSON (and vLLM) does not.
+        body = json.loads(text, parse_constant=_reject_constant)
     except RecursionError:
         raise BadRequest("the request body is nested too deeply", code="invalid_json") from None
     except ValueError as exc:
@@ -62,7 +74,51 @@ def parse_json(raw: bytes) -> dict[str, Any]:
         ) from None
     if not isinstance(body, dict):
         raise BadRequest("the request body must be a JSON object", code="invalid_json")
+    # JSON may spell a lone surrogate ("\ud800"), which is not text: it cannot be encoded
+    # for vLLM or even counted. Only a body with such an escape needs the full look.
+    if _SURROGATE_ESCAPE.search(raw) and not _is_text(body):
+        raise BadRequest(
+            "the request body contains an unpaired UTF-16 surrogate (\\ud800-\\udfff), "
+            "which is not valid Unicode text",
+            code="invalid_json",
+        )
     return body
+
+
+def _is_text(value: Any) -> bool:
+    """Every string in a parsed JSON value (keys too) is encodable Unicode."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode()
+            except UnicodeEncodeError:
+                return False
+        elif isinstance(item, dict):
+            stack.extend(item)
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return True
+
+
+def _bounded(value: Any, param: str) -> Any:
+    """A structure forwarded as it is, if it nests at most MAX_DEPTH levels."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict | list):
+            if depth > MAX_DEPTH:
+                raise BadRequest(
+                    f"{param} is nested more than {MAX_DEPTH} levels deep",
+                    param=param,
+                    code="invalid_value",
+                )
+            stack.extend(
+                (v, depth + 1) for v in (item.values() if isinstance(item, dict) else item)
+            )
+    return value
 
 
 def parse_request(endpoint: Endpoint, body: Mapping[str, Any]) -> ClientRequest:
@@ -178,7 +234,7 @@ def _message(index: int, raw: Any) -> dict[str, Any]:
     if not isinstance(raw, Mapping):
         raise _type_error(where, "an object")
     role = raw.get("role")
-    if role not in _CHAT_ROLES:
+    if not isinstance(role, str) or role not in _CHAT_ROLES:  # a list or object is unhashable
         raise BadRequest(
             f"{where}.role must be one of {', '.join(sorted(_CHAT_ROLES))}",
             param=f"{where}.role",
@@ -189,7 +245,7 @@ def _message(index: int, raw: Any) -> dict[str, Any]:
         if isinstance(raw.get(key), str):
             message[key] = raw[key]
     if role == "assistant" and isinstance(raw.get("tool_calls"), list):
-        message["tool_calls"] = raw["tool_calls"]
+        message["tool_calls"] = _bounded(raw["tool_calls"], f"{where}.tool_calls")
     return message
 
 
@@ -288,7 +344,7 @@ def _sampling(body: Mapping[str, Any], endpoint: Endpoint) -> dict[str, Any]:
                 response_format.get("type"), str
             ):
                 raise _type_error("response_format", "an object with a type")
-            out["response_format"] = response_format
+            out["response_format"] = _bounded(response_format, "response_format")
     return out
 
 
@@ -297,7 +353,12 @@ def _optional(body: Mapping[str, Any], name: str, kind: type, param: str | None 
     if value is None:
         return None
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:  # JSON integers are unbounded; floats are not
+            raise BadRequest(
+                f"{param or name} is out of range", param=param or name, code="invalid_value"
+            ) from None
     if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
         expected = {str: "a string", bool: "a boolean", int: "an integer", float: "a number"}[kind]
         raise _type_error(param or name, expected)

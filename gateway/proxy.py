@@ -52,7 +52,9 @@ class Budget:
         if header is None:
             return cls(task.queue_deadline_s, task.deadline_s)
         try:
-            ms = int(header)
+            # A budget beyond the task's deadline changes nothing; clamping keeps absurdly long
+            # numbers from overflowing the float division below.
+            ms = min(int(header), 10**12)
         except ValueError:
             ms = 0
         if ms <= 0:

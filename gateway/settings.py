@@ -6,6 +6,7 @@ Each setting has a command-line flag and an environment variable; the flag wins.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -19,6 +20,9 @@ class Settings:
     ``window`` is the per-upstream dispatch window: how many requests may be in flight at one
     vLLM. Set it to that vLLM's ``--max-num-seqs`` so vLLM's own queue stays empty and the
     order is decided here, where aging and deadlines can still change it.
+
+    ``shutdown_grace_s`` is how long requests already at an upstream may run on after SIGTERM
+    (see :mod:`gateway.shutdown`).
     """
 
     host: str = "127.0.0.1"
@@ -32,6 +36,7 @@ class Settings:
     connect_timeout_s: float = 5.0
     read_timeout_s: float = 60.0
     health_interval_s: float = 2.0
+    shutdown_grace_s: float = 30.0
     access_log: bool = True
     log_level: str = "info"
 
@@ -47,6 +52,7 @@ _ENV = {
     "connect_timeout": "GATEWAY_CONNECT_TIMEOUT",
     "read_timeout": "GATEWAY_READ_TIMEOUT",
     "health_interval": "GATEWAY_HEALTH_INTERVAL",
+    "shutdown_grace": "GATEWAY_SHUTDOWN_GRACE",
     "access_log": "GATEWAY_ACCESS_LOG",
     "log_level": "GATEWAY_LOG_LEVEL",
 }
@@ -81,6 +87,12 @@ def parse_settings(
     opt("connect_timeout", d.connect_timeout_s, "upstream connect timeout, seconds", float)
     opt("read_timeout", d.read_timeout_s, "longest silence between stream chunks, seconds", float)
     opt("health_interval", d.health_interval_s, "seconds between upstream health checks", float)
+    opt(
+        "shutdown_grace",
+        d.shutdown_grace_s,
+        "on SIGTERM, seconds that started requests may run on before they are cut",
+        float,
+    )
     opt("access_log", "on" if d.access_log else "off", "JSON access log: on or off")
     opt("log_level", d.log_level, "debug, info, warning or error")
     a = p.parse_args(argv)
@@ -89,6 +101,8 @@ def parse_settings(
         p.error("at least one upstream is required")
     if a.window < 1:
         p.error("--window must be at least 1")
+    if not (math.isfinite(a.shutdown_grace) and a.shutdown_grace >= 0):
+        p.error("--shutdown-grace must be a number of seconds, zero or more")
     return Settings(
         host=a.host,
         port=a.port,
@@ -101,6 +115,7 @@ def parse_settings(
         connect_timeout_s=a.connect_timeout,
         read_timeout_s=a.read_timeout,
         health_interval_s=a.health_interval,
+        shutdown_grace_s=a.shutdown_grace,
         access_log=str(a.access_log).lower() in ("on", "1", "true", "yes"),
         log_level=a.log_level,
     )

@@ -153,3 +153,9 @@ def test_completions_prepend_the_task_prompt() -> None:
     body = build_upstream_body(TASKS["code"], req, max_tokens=10, priority=0, model=None)
     assert body["prompt"].startswith(TASKS["code"].system_prompt)
     assert body["prompt"].endswith("def add(a, b):")
+
+
+def test_integers_too_large_for_a_float_are_400() -> None:
+    with pytest.raises(BadRequest) as info:
+        parse_request("chat", chat(temperature=10**400))
+    assert info.value.param == "temperature"
