@@ -8,6 +8,8 @@ drives every target with ``wrk -t1`` through ``loadtest/wrk/post_json.lua``:
 
     json_c1    non-streaming chat, 1 connection     -> p50, so added p50 = gateway - direct
     json_c16   non-streaming chat, 16 connections   -> req/s, p99, added p99
+               (direct is also run paced to ~4,000 req/s, the gateway's load: flat out, the
+               fake and wrk saturate both cores and its p99 is scheduling noise, not a baseline)
     sse_c16    50-chunk streaming chat, 16 conns    -> streams/s, p99
 
 Rounds interleave the targets so drift hits them alike; every figure is a median over rounds.
@@ -22,6 +24,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -57,6 +60,7 @@ class Scenario:
     name: str
     connections: int
     stream: bool
+    delay_ms: int = 0  # per connection, between an answer and the next request
 
 
 SCENARIOS = (
@@ -64,6 +68,8 @@ SCENARIOS = (
     Scenario("json_c16", 16, stream=False),
     Scenario("sse_c16", 16, stream=True),
 )
+#: The p99 baseline for "added p99": the fake at about the load a gateway reaches (16 / 4 ms).
+PACED = Scenario("json_c16_paced", 16, stream=False, delay_ms=4)
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,11 +121,16 @@ def cpu_seconds(pid: int) -> float:
 
 
 def machine_busy_seconds() -> float:
-    """CPU seconds spent not idle, all cores together, since boot."""
+    """CPU seconds spent by processes, all cores together, since boot.
+
+    Interrupt time is left out: loopback traffic's softirq work is ours but is charged to no
+    process, so counting it would show our own load as other processes'.
+    """
     with open("/proc/stat") as f:
-        values = [int(v) for v in f.readline().split()[1:]]
-    idle = values[3] + values[4]  # idle + iowait
-    return (sum(values[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+        user, nice, system, _idle, _iowait, _irq, _softirq, steal = map(
+            int, f.readline().split()[1:9]
+        )
+    return (user + nice + system + steal) / os.sysconf("SC_CLK_TCK")
 
 
 def children_cpu_seconds() -> float:
@@ -202,6 +213,8 @@ def wrk(target: Target, scenario: Scenario, seconds: float) -> tuple[dict[str, A
         "--timeout", "5s", "-s", str(LUA), url,
     ]  # fmt: skip
     env = {**os.environ, "WRK_BODY": target.body(scenario.stream)}
+    if scenario.delay_ms:
+        env["WRK_DELAY_MS"] = str(scenario.delay_ms)
     before = children_cpu_seconds()
     done = subprocess.run(args, env=env, capture_output=True, text=True, check=False)
     wrk_cpu = children_cpu_seconds() - before
@@ -227,12 +240,16 @@ def others_busy_pct(ours: list[int], seconds: float = 1.0) -> float:
 
 def wait_for_quiet(ours: list[int], threshold_pct: float, max_wait_s: float) -> None:
     """This machine is shared: let other work (a test suite, a vLLM) finish before measuring."""
-    deadline = time.monotonic() + max_wait_s
+    started = time.monotonic()
+    busy = others_busy_pct(ours)
+    if busy <= threshold_pct:
+        return
+    print(f"  waiting for quiet: other processes use {busy:.0f}% of the machine", flush=True)
     while (busy := others_busy_pct(ours)) > threshold_pct:
-        if time.monotonic() > deadline:
-            print(f"  other processes still use {busy:.0f}% of the machine; measuring anyway")
+        if time.monotonic() - started > max_wait_s:
+            print(f"  still {busy:.0f}% after {max_wait_s:g} s; measuring anyway", flush=True)
             return
-        print(f"  waiting: other processes use {busy:.0f}% of the machine", flush=True)
+    print(f"  quiet after {time.monotonic() - started:.0f} s", flush=True)
 
 
 def measure(
@@ -266,6 +283,41 @@ def measure(
     )
 
 
+def measure_quietly(
+    target: Target,
+    scenario: Scenario,
+    round_: int,
+    args: argparse.Namespace,
+    ours: list[int],
+    notes: list[str],
+) -> Run:
+    """One run on a quiet machine: redo it if it failed (once) or others disturbed it.
+
+    Of the runs disturbed by other processes, the least disturbed is kept after --attempts.
+    """
+    what = f"round {round_} {scenario.name} {target.name}"
+    best: Run | None = None
+    failures = attempts = 0
+    while True:
+        wait_for_quiet(ours, args.quiet_pct, args.max_wait)
+        try:
+            run = measure(target, scenario, round_, args.duration, ours)
+        except Failure as exc:  # a stall on this shared machine can time requests out
+            failures += 1
+            if failures > 1:
+                raise
+            notes.append(f"{what}: failed, redone: {exc}")
+            print(f"  FAILED, redoing once: {exc}", flush=True)
+            continue
+        attempts += 1
+        if best is None or run.foreign_cpu_pct < best.foreign_cpu_pct:
+            best = run
+        if run.foreign_cpu_pct <= 2 * args.quiet_pct or attempts >= args.attempts:
+            return best
+        notes.append(f"{what}: others used {run.foreign_cpu_pct:.0f}% of the machine, redone")
+        print(f"  {what}: others used {run.foreign_cpu_pct:.0f}% of the machine; redoing")
+
+
 # -- report ---------------------------------------------------------------------------------
 
 
@@ -288,7 +340,7 @@ def added(summary: dict[str, dict[str, dict[str, float]]], target: str) -> dict[
     gw, direct = summary[target], summary["direct"]
     return {
         "json_c1_added_p50_ms": (gw["json_c1"]["p50_us"] - direct["json_c1"]["p50_us"]) / 1000,
-        "json_c16_added_p99_ms": (gw["json_c16"]["p99_us"] - direct["json_c16"]["p99_us"]) / 1000,
+        "json_c16_added_p99_ms": (gw["json_c16"]["p99_us"] - direct[PACED.name]["p99_us"]) / 1000,
         "json_c16_rps": gw["json_c16"]["rps"],
     }
 
@@ -312,11 +364,15 @@ def table(summary: dict[str, dict[str, dict[str, float]]]) -> str:
     for target, s in summary.items():
         c1, c16, sse = s["json_c1"], s["json_c16"], s["sse_c16"]
         if target == "direct":
+            paced = s[PACED.name]
             p50 = f"{c1['p50_us']:,.0f} us"
-            p99 = f"{c16['p99_us'] / 1000:.2f} ms"
+            p99 = (
+                f"{c16['p99_us'] / 1000:.2f} ms; {paced['p99_us'] / 1000:.2f} ms "
+                f"at {paced['rps']:,.0f}/s"
+            )
         else:
             p50 = f"{c1['p50_us']:,.0f} us (+{c1['p50_us'] - direct['json_c1']['p50_us']:,.0f} us)"
-            gap = (c16["p99_us"] - direct["json_c16"]["p99_us"]) / 1000
+            gap = (c16["p99_us"] - direct[PACED.name]["p99_us"]) / 1000
             p99 = f"{c16['p99_us'] / 1000:.2f} ms (+{gap:.2f} ms)"
         rows.append(
             f"| {target} | {p50} | {c16['rps']:,.0f} | {p99} "
@@ -334,7 +390,15 @@ def machine() -> dict[str, Any]:
                 model = line.split(":", 1)[1].strip()
                 break
     wrk_version = subprocess.run(["wrk", "-v"], capture_output=True, text=True).stdout
+
+    def git(*args: str) -> str:
+        done = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True)
+        return done.stdout.strip() if done.returncode == 0 else "unknown"
+
+    dirty = git("status", "--porcelain", "--", "gateway")
     return {
+        "gateway_commit": git("rev-parse", "--short", "HEAD")
+        + (" + local changes" if dirty else ""),
         "nproc": os.cpu_count(),
         "cpu": model,
         "kernel": platform.release(),
@@ -386,26 +450,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             for scenario in SCENARIOS:
                 wrk(target, scenario, WARMUP_S)
         runs: list[Run] = []
-        retried: list[str] = []
+        notes: list[str] = []
+        plan = [(s, t) for s in SCENARIOS for t in targets]
+        plan.insert(plan.index((SCENARIOS[1], targets[0])) + 1, (PACED, targets[0]))
         for round_ in range(1, args.rounds + 1):
-            for scenario in SCENARIOS:
-                for target in targets:
-                    wait_for_quiet(ours, args.quiet_pct, args.max_wait)
-                    try:
-                        result = measure(target, scenario, round_, args.duration, ours)
-                    except Failure as exc:  # once: a stall on this shared machine can do it
-                        print(f"  FAILED, retrying once: {exc}", flush=True)
-                        retried.append(f"round {round_} {scenario.name} {target.name}: {exc}")
-                        wait_for_quiet(ours, args.quiet_pct, args.max_wait)
-                        result = measure(target, scenario, round_, args.duration, ours)
-                    runs.append(result)
-                    print(
-                        f"round {round_} {scenario.name:8} {target.name:26} "
-                        f"{result.rps:9,.0f}/s p50 {result.p50_us:6,} us "
-                        f"p99 {result.p99_us:7,} us cpu {result.cpu_us_per_request:6,.0f} us/req "
-                        f"(others {result.foreign_cpu_pct:.0f}%)",
-                        flush=True,
-                    )
+            for scenario, target in plan:
+                result = measure_quietly(target, scenario, round_, args, ours, notes)
+                runs.append(result)
+                print(
+                    f"round {round_} {scenario.name:14} {target.name:23} "
+                    f"{result.rps:8,.0f}/s p50 {result.p50_us:6,} us "
+                    f"p99 {result.p99_us:7,} us cpu {result.cpu_us_per_request:4,.0f} us/req "
+                    f"(others {result.foreign_cpu_pct:.0f}%)",
+                    flush=True,
+                )
         logged = {name: path.read_bytes().count(b"\n") for name, path in access_logs.items()}
     if logged["gateway, access log on"] == 0 or logged["gateway, access log off"] != 0:
         raise Failure(f"access log lines are not as configured: {logged}")
@@ -419,13 +477,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "window": args.window,
             "chunks": CHUNKS,
             "wrk_threads": 1,
-            "scenarios": [asdict(s) for s in SCENARIOS],
+            "scenarios": [asdict(s) for s in (*SCENARIOS, PACED)],
         },
         "targets": TARGETS,
         "summary": summary,
         "gateway": {t: {**g, "pass": verdicts(g)} for t, g in gateways.items()},
         "access_log_lines": logged,
-        "retried": retried,
+        "notes": notes,
         "runs": [asdict(r) for r in runs],
     }
 
@@ -444,7 +502,15 @@ def main() -> int:
         help="before each run, wait until other processes use at most this %% of the machine",
     )
     p.add_argument("--max-wait", type=float, default=180.0, help="longest wait for quiet, s")
+    p.add_argument(
+        "--attempts",
+        type=int,
+        default=3,
+        help="runs disturbed by other processes (over twice --quiet-pct) are redone up to this",
+    )
     args = p.parse_args()
+    # Stopped by a signal, still stop the servers (the with-blocks run on SystemExit).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if shutil.which("wrk") is None:
         print("wrk is not installed; as root: apt-get update && apt-get install -y wrk")
         return 2
@@ -455,7 +521,7 @@ def main() -> int:
         return 1
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     m = result["machine"]
-    print(f"\n{m['nproc']} x {m['cpu']}, Linux {m['kernel']}, Python {m['python']}, "
+    print(f"\ngateway {m['gateway_commit']}; {m['nproc']} x {m['cpu']}, Linux {m['kernel']}, Python {m['python']}, "
           f"{m['wrk']}, {m['date']}")  # fmt: skip
     print(f"wrk -t1, {args.duration:g} s per run, medians of {args.rounds} rounds; "
           f"gateway window {args.window:,}\n")  # fmt: skip

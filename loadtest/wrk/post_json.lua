@@ -9,6 +9,13 @@ wrk.method = "POST"
 wrk.body = os.getenv("WRK_BODY") or error("set WRK_BODY to the JSON request body")
 wrk.headers["Content-Type"] = "application/json"
 
+-- $WRK_DELAY_MS paces each connection: it waits that long after an answer before sending
+-- the next request (a baseline at a given load instead of flat out).
+local delay_ms = tonumber(os.getenv("WRK_DELAY_MS") or "")
+if delay_ms then
+  function delay() return delay_ms end
+end
+
 function done(summary, latency, requests)
   local e = summary.errors
   io.write(string.format(
