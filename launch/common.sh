@@ -99,8 +99,14 @@ start_vllm() {
     local model=$1 port=$2 seqs=$3 logfile=$4
     shift 4
     mkdir -p "$(dirname "$logfile")"
-    setsid "$ROOT/launch/vllm.sh" "$model" "$port" "$seqs" "$@" >"$logfile" 2>&1 &
+    # With job control on, a background job gets its own process group whose id is $!, so
+    # stop_group reaches vLLM's engine processes too, and Ctrl-C in the terminal (sent to the
+    # foreground group) leaves vLLM to be stopped in order. `setsid` is no good here: it forks
+    # when the caller already leads a group, and $! is then a process that has already gone.
+    set -m
+    "$ROOT/launch/vllm.sh" "$model" "$port" "$seqs" "$@" >"$logfile" 2>&1 &
     VLLM_PID=$!
+    set +m
 }
 
 # stop_group PID: SIGTERM the process group, then SIGKILL what is left after 20 s
