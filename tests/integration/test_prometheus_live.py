@@ -244,11 +244,6 @@ async def test_prometheus_p95_and_counts_match_the_clients(
                 "task",
             )
             counts = await prom.query(pc, "sum by (task, outcome) (gateway_requests_total) > 0")
-            running = await prom.by_label(
-                pc,
-                f"max by (upstream) (max_over_time(gateway_upstream_running[{window}]))",
-                "upstream",
-            )
             kv_cache = await prom.by_label(pc, "gateway_upstream_kv_cache_usage_ratio", "upstream")
             status = (await c.get("/status.json")).json()
 
@@ -274,7 +269,6 @@ async def test_prometheus_p95_and_counts_match_the_clients(
     assert 0.0 <= upstream["vllm"]["kv_cache_usage"] <= 1.0
     # Not asserted: that a 1 s scrape caught vLLM with a request running. The tiny model
     # answers in milliseconds, and under load the sample can miss every request (a race).
-    assert running[upstream["name"]] >= 0.0
     assert upstream["name"] in kv_cache
     assert status["tasks"][0]["name"] == "sentiment"
     assert status["tasks"][0]["requests"] == SENTIMENT_REQUESTS
