@@ -61,7 +61,11 @@ async def test_realtime_overtakes_a_batch_backlog(
             done.append(task)
             return r
 
-        backlog = [asyncio.create_task(call("batch", 400)) for _ in range(8)]
+        # The first labelled request compiles the label grammar, which can take longer than
+        # the whole backlog; do it before the backlog so the race below is only the scheduler's.
+        assert (await call("sentiment", 8)).status_code == 200
+        done.clear()
+        backlog = [asyncio.create_task(call("batch", 600)) for _ in range(8)]
         async with asyncio.timeout(30):
             while await metric(c, 'gateway_queue_depth{priority_class="batch"}') < 4:
                 await asyncio.sleep(0.05)
@@ -71,9 +75,10 @@ async def test_realtime_overtakes_a_batch_backlog(
         assert sentiment.json()["choices"][0]["message"]["content"] in ("positive", "negative")
         queue_ms = float(sentiment.headers["server-timing"].split("queue;dur=")[1].split(",")[0])
         assert queue_ms < 100  # it never waited behind the backlog
-        still_queued = await metric(c, 'gateway_queue_depth{priority_class="batch"}')
-        assert still_queued >= 1  # it overtook batch work that was waiting before it came
         assert all(r.status_code == 200 for r in await asyncio.gather(*backlog))
+        # It overtook batch work that was waiting before it came: with at most two batch
+        # requests running, four or more finished after it.
+        assert done.index("sentiment") <= 4, done
 
 
 async def test_no_starvation_under_realtime_saturation(
