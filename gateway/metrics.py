@@ -93,7 +93,13 @@ class Metrics:
             ["task", "stage"], registry=registry,
         )  # fmt: skip
         self.upstream_up = Gauge(
-            "gateway_upstream_up", "1 if the upstream is usable, else 0.",
+            "gateway_upstream_up",
+            "1 if the upstream is usable (answered its health check, circuit closed), else 0.",
+            ["upstream"], registry=registry,
+        )  # fmt: skip
+        self.breaker_state = Gauge(
+            "gateway_upstream_breaker_state",
+            "The upstream's circuit breaker: 0 closed, 1 half-open (probing), 2 open.",
             ["upstream"], registry=registry,
         )  # fmt: skip
         self.boosts = Counter(
@@ -167,7 +173,7 @@ class Metrics:
         for upstream in upstreams:
             for gauge in (
                 self.upstream_up, self.upstream_running, self.upstream_waiting,
-                self.upstream_kv_cache, self.window_size,
+                self.upstream_kv_cache, self.window_size, self.breaker_state,
             ):  # fmt: skip
                 gauge.labels(upstream)
 
@@ -191,3 +197,7 @@ class Metrics:
 
     def watch_window(self, upstream: str, size: Callable[[], float]) -> None:
         self.window_size.labels(upstream).set_function(size)
+
+    def watch_breaker(self, upstream: str, state: Callable[[], float]) -> None:
+        """Read the breaker at scrape time: open turns half-open by the clock, not by an event."""
+        self.breaker_state.labels(upstream).set_function(state)

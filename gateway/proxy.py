@@ -7,15 +7,34 @@ Deadlines: the queue deadline is the scheduler's; after dispatch, the request's 
 deadline closes the upstream connection (vLLM then aborts the request and frees its KV
 cache). Before the first byte reaches the client that is a 504; once a stream has started it
 is an in-band error event followed by ``[DONE]``.
+
+Failover: when the upstream a request was dispatched to fails before anything reached the
+client, the request goes back through the scheduler to another usable upstream it has not
+tried (its slot freed, its arrival and deadlines kept, so it is not sent after its queue
+deadline), with at most as many tries as there are upstreams. What counts as "before
+anything reached the client":
+
+    streams      any upstream failure before its first event: connection refused or reset,
+                 connect timeout, a 5xx, an answer that is not a stream, silence past the
+                 read timeout, a stream closed before its first event. (The first event is
+                 read before the client's status line is sent, so nothing has gone out.)
+    non-streams  only failures that mean nothing was generated: the connection failed
+                 before a response, or the upstream answered 503. A 500 or a broken body
+                 may come after a whole generation, so it is the client's 502, not a retry.
+
+Never after the first byte: a stream that breaks later ends with an in-band error. Every
+upstream failure, retried or not, is reported to the upstream's circuit breaker
+(:mod:`gateway.upstreams`); a client's 4xx and the request's own deadline are not failures.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Callable
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, TypeVar
 
 from starlette.responses import Response, StreamingResponse
 
@@ -34,9 +53,13 @@ from gateway.input_limit import fit_input
 from gateway.protocol import ClientRequest, build_upstream_body, granted_max_tokens
 from gateway.runtime import Runtime
 from gateway.scheduler import Ticket
-from gateway.upstream import UpstreamResponse
+from gateway.upstream import UpstreamResponse, UpstreamTimeout, UpstreamUnavailable
+
+log = logging.getLogger("gateway.proxy")
 
 PATHS = {"chat": "/v1/chat/completions", "completions": "/v1/completions"}
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,11 +152,15 @@ async def dispatch(rt: Runtime, ex: Exchange, step: Step) -> Ticket:
         tenant=step.tenant,
     )
     await rt.dispatcher.acquire(ticket)
+    _dispatched(ex, ticket)
+    return ticket
+
+
+def _dispatched(ex: Exchange, ticket: Ticket) -> None:
     ex.dispatched_at = ticket.dispatched_at
     ex.upstream = ticket.upstream
     ex.priority = to_vllm_priority(ticket.effective_priority)
     ex.boosted = ticket.boosted
-    return ticket
 
 
 def upstream_body(rt: Runtime, ex: Exchange, step: Step, ticket: Ticket, max_tokens: int) -> bytes:
@@ -154,26 +181,47 @@ async def call_json(
     rt: Runtime, ex: Exchange, step: Step, ticket: Ticket, body: bytes
 ) -> tuple[bytes, dict[str, Any]]:
     """A non-streaming call: the whole answer, raw and parsed, within the deadline."""
-    url = _url(rt, ticket, step)
     try:
         async with asyncio.timeout_at(ticket.deadline):
-            response = await _post(rt, ticket, url, body, ex, stream=False)
-            raw = await response.read()
+            raw, answer = await _with_failover(rt, ex, step, ticket, body, _json_attempt)
     except TimeoutError:
         raise _upstream_deadline(rt, step.task) from None
     ex.first_byte_at = rt.dispatcher.now()
+    _take_usage(ex, answer)
+    rt.ttft.observe(step.task.name, ex.first_byte_at - (ex.dispatched_at or ex.arrival))
+    return raw, answer
+
+
+async def _json_attempt(
+    rt: Runtime, ex: Exchange, url: str, body: bytes
+) -> tuple[bytes, dict[str, Any]]:
+    try:
+        response = await _post(rt, url, body, ex, stream=False)
+    except (UpstreamUnavailable, UpstreamTimeout) as exc:
+        raise _Fault(exc, retry=True) from exc  # no response: nothing was generated
+    except BadGateway as exc:
+        raise _Fault(exc, retry=False) from exc
+    try:
+        raw = await response.read()
+    except (BadGateway, UpstreamTimeout) as exc:
+        raise _Fault(exc, retry=False) from exc
     if response.status != 200:
-        raise upstream_error(response.status, raw)
+        error = upstream_error(response.status, raw)
+        if not 400 <= response.status < 500:
+            raise _Fault(error, retry=response.status == 503)
+        raise error
     try:
         answer = json.loads(raw)
     except ValueError:
-        raise BadGateway(
-            "the upstream answered with invalid JSON", code="bad_upstream_response"
-        ) from None
+        answer = None
     if not isinstance(answer, dict):
-        raise BadGateway("the upstream answered with a non-object", code="bad_upstream_response")
-    _take_usage(ex, answer)
-    rt.ttft.observe(step.task.name, ex.first_byte_at - (ex.dispatched_at or ex.arrival))
+        bad = BadGateway(
+            "the upstream answered with invalid JSON"
+            if answer is None
+            else "the upstream answered with a non-object",
+            code="bad_upstream_response",
+        )
+        raise _Fault(bad, retry=False)
     return raw, answer
 
 
@@ -188,35 +236,51 @@ async def open_stream(
     rt: Runtime, ex: Exchange, step: Step, ticket: Ticket, body: bytes
 ) -> OpenStream:
     """Start a streaming call and wait for its first event, so errors can still be statuses."""
-    url = _url(rt, ticket, step)
-    response: UpstreamResponse | None = None
     try:
         async with asyncio.timeout_at(ticket.deadline):
-            response = await _post(rt, ticket, url, body, ex, stream=True)
-            if response.status != 200:
-                raise upstream_error(response.status, await response.read())
-            if not response.headers.get("Content-Type", "").startswith("text/event-stream"):
-                raise BadGateway(
-                    "the upstream answered a stream request without a stream",
-                    code="bad_upstream_response",
-                )
-            events = response.events()
-            first = await anext(events, b"")
+            stream = await _with_failover(rt, ex, step, ticket, body, _stream_attempt)
     except TimeoutError:
-        if response is not None:
-            response.abort()
         raise _upstream_deadline(rt, step.task) from None
-    except BaseException:
-        if response is not None:
-            response.abort()
-        raise
-    if not first:
-        response.abort()
-        raise BadGateway(
-            "the upstream closed the stream without an answer", code="bad_upstream_response"
-        )
     ex.first_byte_at = rt.dispatcher.now()
     rt.ttft.observe(step.task.name, ex.first_byte_at - (ex.dispatched_at or ex.arrival))
+    return stream
+
+
+async def _stream_attempt(rt: Runtime, ex: Exchange, url: str, body: bytes) -> OpenStream:
+    try:
+        response = await _post(rt, url, body, ex, stream=True)
+    except (UpstreamUnavailable, UpstreamTimeout, BadGateway) as exc:
+        raise _Fault(exc, retry=True) from exc
+    try:
+        if response.status != 200:
+            error = upstream_error(response.status, await response.read())
+            if not 400 <= response.status < 500:
+                raise _Fault(error, retry=True)
+            raise error
+        if not response.headers.get("Content-Type", "").startswith("text/event-stream"):
+            raise _Fault(
+                BadGateway(
+                    "the upstream answered a stream request without a stream",
+                    code="bad_upstream_response",
+                ),
+                retry=True,
+            )
+        events = response.events()
+        first = await anext(events, b"")
+        if not first:
+            raise _Fault(
+                BadGateway(
+                    "the upstream closed the stream without an answer",
+                    code="bad_upstream_response",
+                ),
+                retry=True,
+            )
+    except (BadGateway, UpstreamTimeout) as exc:  # reading the error body or the first event
+        response.abort()
+        raise _Fault(exc, retry=True) from exc
+    except BaseException:
+        response.abort()
+        raise
     return OpenStream(response, first, events)
 
 
@@ -242,6 +306,8 @@ async def relay(
         stream.response.abort()
 
     timer = loop.call_at(ticket.deadline, on_deadline)
+    upstream = ticket.upstream
+    assert upstream is not None
     clean = False
     event = first_event(stream.first) if first_event else stream.first
     try:
@@ -259,7 +325,11 @@ async def relay(
             try:
                 event = await anext(stream.rest, b"")
             except GatewayError as exc:
-                error = _upstream_deadline(rt, step.task) if deadline_hit else exc
+                if deadline_hit:
+                    error: GatewayError = _upstream_deadline(rt, step.task)
+                else:
+                    error = exc
+                    rt.upstreams.failed(upstream, exc.message)
                 ex.fail(error.status, outcome_for_status(error.status, error.code), error.code)
                 yield sse.error_event(error)
                 yield sse.DONE
@@ -268,6 +338,7 @@ async def relay(
                 error = BadGateway(
                     "the upstream ended the stream early", code="bad_upstream_response"
                 )
+                rt.upstreams.failed(upstream, error.message)
                 ex.fail(error.status, "upstream_error", error.code)
                 yield sse.error_event(error)
                 yield sse.DONE
@@ -319,17 +390,90 @@ def upstream_error(status: int, raw: bytes) -> GatewayError:
     return BadGateway(f"the upstream failed: {message}", code="upstream_error")
 
 
+class _Fault(Exception):
+    """An attempt failed through the upstream's fault; ``retry``: safe to send elsewhere."""
+
+    def __init__(self, error: GatewayError, *, retry: bool) -> None:
+        super().__init__(error.message)
+        self.error = error
+        self.retry = retry
+
+
+async def _with_failover(
+    rt: Runtime,
+    ex: Exchange,
+    step: Step,
+    ticket: Ticket,
+    body: bytes,
+    attempt: Callable[[Runtime, Exchange, str, bytes], Awaitable[T]],
+) -> T:
+    """Run ``attempt`` at the ticket's upstream, and at others while it fails retryably.
+
+    Each outcome is reported to the upstream's breaker. On return (or raise) the ticket
+    holds the slot of the upstream it ended at, which the caller releases as usual.
+    """
+    tries = 0
+    while True:
+        tries += 1
+        upstream = ticket.upstream
+        assert upstream is not None
+        try:
+            result = await attempt(rt, ex, _url(rt, ticket, step), body)
+        except _Fault as fault:
+            rt.upstreams.failed(upstream, fault.error.message)
+            last = not fault.retry or tries >= len(rt.upstreams.by_name)
+            if last or not await _redispatch(rt, ex, ticket, fault.error):
+                raise fault.error from None
+            body = _redirected(rt, ex, ticket, body)
+            continue
+        except UpstreamRejected:
+            rt.upstreams.succeeded(upstream)  # the upstream works; the request was bad
+            raise
+        rt.upstreams.succeeded(upstream)
+        return result
+
+
+async def _redispatch(rt: Runtime, ex: Exchange, ticket: Ticket, error: GatewayError) -> bool:
+    """Queue the ticket again for a usable upstream it has not tried; False if there is none.
+
+    It keeps its arrival (so its aged place in the queue) and its deadlines; a ticket whose
+    queue deadline has passed is not sent again, and the client gets the upstream's error.
+    """
+    failed = ticket.upstream
+    assert failed is not None
+    avoid = ticket.avoid | {failed}
+    others = [u.name for u in rt.upstreams.by_name.values() if u.up and u.name not in avoid]
+    if not others or ticket.expires_at <= rt.dispatcher.now():
+        return False
+    rt.dispatcher.release(ticket)
+    ticket.avoid = avoid
+    log.warning(
+        "request %s: upstream %s failed before the first byte (%s); trying %s",
+        ex.request_id,
+        failed,
+        error.message,
+        " or ".join(others),
+    )
+    await rt.dispatcher.acquire(ticket)
+    _dispatched(ex, ticket)
+    return True
+
+
+def _redirected(rt: Runtime, ex: Exchange, ticket: Ticket, body: bytes) -> bytes:
+    """The same body for the upstream it was re-dispatched to: only the model id (per
+    upstream) and the aged priority (per dispatch) depend on where and when it goes."""
+    assert ticket.upstream is not None
+    payload = json.loads(body)
+    payload["model"] = rt.upstreams[ticket.upstream].model
+    payload["priority"] = ex.priority
+    return json.dumps(payload, ensure_ascii=False).encode()
+
+
 async def _post(
-    rt: Runtime, ticket: Ticket, url: str, body: bytes, ex: Exchange, *, stream: bool
+    rt: Runtime, url: str, body: bytes, ex: Exchange, *, stream: bool
 ) -> UpstreamResponse:
     headers = {"Content-Type": "application/json", "X-Request-Id": ex.request_id}
-    try:
-        return await rt.client.post(url, body, headers, stream=stream)
-    except ServiceUnavailable as exc:
-        # Passive health check: stop dispatching there until the health loop sees it back.
-        assert ticket.upstream is not None
-        rt.upstreams.mark(rt.upstreams[ticket.upstream], up=False, error=exc.message)
-        raise
+    return await rt.client.post(url, body, headers, stream=stream)
 
 
 def _url(rt: Runtime, ticket: Ticket, step: Step) -> str:

@@ -107,7 +107,9 @@ def build_runtime(
         metrics.upstream_up.labels(upstream.name).set(1 if upstream.up else 0)
         dispatcher.kick()
 
-    upstreams = Upstreams(settings.upstreams, client, on_change, settings.health_interval_s)
+    upstreams = Upstreams(
+        settings.upstreams, client, on_change, settings.health_interval_s, clock=dispatcher.now
+    )
 
     def on_load(name: str, load: VllmLoad | None) -> None:
         # Other clients' requests at the upstream (e.g. other gateways'); a stale or missing
@@ -135,6 +137,7 @@ def build_runtime(
     for window in windows:
         metrics.watch_inflight(window.name, partial(getattr, window, "inflight"))
         metrics.watch_window(window.name, partial(getattr, window, "size"))
+        metrics.watch_breaker(window.name, partial(upstreams.breaker_state, window.name))
     return Runtime(
         settings, config, metrics, scheduler, dispatcher, client, upstreams, scraper, recent, keys
     )

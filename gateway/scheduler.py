@@ -46,6 +46,8 @@ class Ticket:
 
     ``need_s`` is the least time the request needs before its deadline to be worth sending
     (e.g. the task's observed time to first token); once less than that remains it expires.
+    ``avoid`` names upstreams that already failed it (failover): it goes to one of them only
+    when no other upstream is usable, so it can never wait for an upstream that went away.
     """
 
     task: str
@@ -55,6 +57,7 @@ class Ticket:
     deadline: float
     need_s: float = 0.0
     tenant: str = ""
+    avoid: frozenset[str] = frozenset()
     state: State = State.NEW
     seq: int = -1
     upstream: str | None = None
@@ -376,8 +379,12 @@ class Scheduler:
         # A ticket aged to the top priority ignores headroom: otherwise a steady stream of
         # realtime work would keep the window too full for it, and it would starve.
         promoted = now - ticket.key >= self.classes.top_head_start_s
+        windows: Iterable[Window] = self.windows.values()
+        if ticket.avoid:
+            others = [w for w in windows if w.usable and w.name not in ticket.avoid]
+            windows = others or windows
         best: Window | None = None
-        for window in self.windows.values():
+        for window in windows:
             reserved = 0 if promoted else ticket.policy.reserved_slots(window.size)
             if window.has_room(reserved) and (
                 best is None or window.occupied / window.size < best.occupied / best.size

@@ -1,38 +1,56 @@
-"""The upstream vLLM servers: where they are, which model they serve, whether they are up.
+"""The upstream vLLM servers: where they are, which model they serve, whether they are usable.
 
-A background loop polls each upstream's ``/health`` and ``/v1/models``. A busy vLLM on a
-loaded CPU can be slow to answer, so the loop marks an upstream down only after
-``FAILURES_TO_DOWN`` failed checks in a row; a refused connection on a real request marks it
-down at once (passive check), and the loop brings it back. Changes are
-reported through one callback, so this module knows nothing of windows or metrics.
+An upstream is usable when it has answered a health check (so its model is known) and its
+circuit breaker (:mod:`gateway.breaker`) is closed. Two sources feed the breaker:
+
+- **passive**: the proxy reports each real request's outcome (:meth:`Upstreams.succeeded`,
+  :meth:`Upstreams.failed`), so an upstream that refuses connections, answers 5xx or breaks
+  off its streams stops getting work after a few failures in a row;
+- **active**: a background loop polls each upstream's ``/health`` and ``/v1/models``. A busy
+  vLLM on a loaded CPU can be slow to answer, so a failed check is one failure, not a verdict.
+  While a breaker is open the loop leaves that upstream alone; when its cool-down ends, the
+  next check is the half-open probe (the loop wakes for it) and decides.
+
+An upstream that has never answered is *starting*: it is polled every interval and gets no
+work, but its failures do not trip the breaker, so a gateway started before its vLLM sees it
+as soon as it is up instead of after a growing cool-down. Changes of usability are reported
+through one callback, so this module knows nothing of windows or metrics.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
+import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from gateway.breaker import Breaker, BreakerPolicy, BreakerState
 from gateway.upstream import UpstreamClient, UpstreamUnavailable
 
 log = logging.getLogger("gateway.upstreams")
 
-FAILURES_TO_DOWN = 3
 CHECK_TIMEOUT_S = 5.0
+
+#: How often a gateway polls while no upstream is usable and one is starting.
+STARTING_INTERVAL_S = 0.5
 
 
 @dataclass(slots=True)
 class Upstream:
-    """``name`` (host:port) is the metric label; ``model`` is the served model's id."""
+    """``name`` (host:port) is the metric label; ``model`` is the served model's id.
+
+    ``up`` means usable: answered a health check and its breaker is closed.
+    """
 
     name: str
     base_url: str
     model: str | None = None
     up: bool = False
     last_error: str | None = None
-    failures: int = 0
+    breaker: Breaker = field(default_factory=Breaker)
 
 
 def upstream_name(base_url: str) -> str:
@@ -46,13 +64,24 @@ class Upstreams:
         client: UpstreamClient,
         on_change: Callable[[Upstream], None],
         interval_s: float = 2.0,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        breaker: BreakerPolicy | None = None,
     ) -> None:
+        """``clock`` must be the clock of the event loop that runs the checks; ``breaker`` is
+        the policy of every upstream's breaker."""
+        policy = breaker or BreakerPolicy()
         self.by_name = {
-            upstream_name(url): Upstream(upstream_name(url), url.rstrip("/")) for url in urls
+            upstream_name(url): Upstream(
+                upstream_name(url), url.rstrip("/"), breaker=Breaker(policy)
+            )
+            for url in urls
         }
         self._client = client
         self._on_change = on_change
         self._interval_s = interval_s
+        self._clock = clock
+        self._tripped = asyncio.Event()
 
     def __getitem__(self, name: str) -> Upstream:
         return self.by_name[name]
@@ -63,16 +92,55 @@ class Upstreams:
     def models(self) -> list[str]:
         return sorted({u.model for u in self.by_name.values() if u.model})
 
+    def breaker_state(self, name: str) -> BreakerState:
+        return self.by_name[name].breaker.state(self._clock())
+
+    # -- passive: outcomes of real requests ------------------------------------------------
+
+    def succeeded(self, name: str) -> None:
+        """A real request got a proper answer (a client's 4xx included)."""
+        upstream = self.by_name[name]
+        upstream.breaker.success(self._clock())
+        if not upstream.up:  # the hot path: nothing more to do while it is up
+            self._update(upstream)
+
+    def failed(self, name: str, error: str) -> None:
+        """A real request failed through the upstream's fault (not the client's, not a deadline)."""
+        upstream = self.by_name[name]
+        upstream.last_error = error
+        upstream.breaker.failure(self._clock())
+        self._update(upstream)
+
+    # -- active: the health loop -----------------------------------------------------------
+
     async def run(self) -> None:
-        """Poll forever (cancel to stop); quickly until the first upstream is up."""
+        """Poll forever (cancel to stop): every interval, quickly while nothing is usable, and
+        as soon as a breaker's cool-down ends."""
         while True:
             await self.check_all()
-            await asyncio.sleep(self._interval_s if self.any_up() else min(self._interval_s, 0.5))
+            self._tripped.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self._pause()):
+                    await self._tripped.wait()  # a breaker opened: plan its probe
+
+    def _pause(self) -> float:
+        pause = self._interval_s
+        if not self.any_up() and any(u.model is None for u in self.by_name.values()):
+            pause = min(pause, STARTING_INTERVAL_S)  # waiting for the first upstream to start
+        now = self._clock()
+        for upstream in self.by_name.values():
+            retry_at = upstream.breaker.retry_at
+            if retry_at is not None and retry_at > now:
+                pause = min(pause, retry_at - now)
+        return pause
 
     async def check_all(self) -> None:
         await asyncio.gather(*(self.check(u) for u in self.by_name.values()))
 
     async def check(self, upstream: Upstream) -> None:
+        """One health check; while the breaker is half-open, the probe."""
+        if upstream.breaker.state(self._clock()) is BreakerState.OPEN:
+            return  # cooling down: the first check after the cool-down is the probe
         timeout = CHECK_TIMEOUT_S
         try:
             status, _ = await self._client.get(f"{upstream.base_url}/health", timeout)
@@ -83,23 +151,34 @@ class Upstreams:
             if model is None:
                 raise UpstreamUnavailable(f"/v1/models answered {status} without a model")
         except UpstreamUnavailable as exc:
-            upstream.failures += 1
-            if upstream.failures >= FAILURES_TO_DOWN or not upstream.up:
-                self.mark(upstream, up=False, error=exc.message)
+            upstream.last_error = exc.message
+            if upstream.model is not None:  # a starting upstream is polled, never tripped
+                upstream.breaker.failure(self._clock(), probe=True)
+            self._update(upstream)
             return
         upstream.model = model
-        upstream.failures = 0
-        self.mark(upstream, up=True)
+        upstream.breaker.success(self._clock(), probe=True)
+        self._update(upstream)
 
-    def mark(self, upstream: Upstream, *, up: bool, error: str | None = None) -> None:
-        upstream.last_error = error
+    def _update(self, upstream: Upstream) -> None:
+        now = self._clock()
+        up = upstream.model is not None and upstream.breaker.state(now) is BreakerState.CLOSED
+        if up:
+            upstream.last_error = None
         if upstream.up == up:
             return
         upstream.up = up
         if up:
             log.info("upstream %s is up, serving %s", upstream.name, upstream.model)
         else:
-            log.warning("upstream %s is down: %s", upstream.name, error)
+            self._tripped.set()
+            retry_at = upstream.breaker.retry_at
+            log.warning(
+                "upstream %s is down (circuit open, next probe in %.1f s): %s",
+                upstream.name,
+                0.0 if retry_at is None else max(retry_at - now, 0.0),
+                upstream.last_error,
+            )
         self._on_change(upstream)
 
 
