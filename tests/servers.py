@@ -1,10 +1,11 @@
-"""Real uvicorn servers for tests: the gateway on a loopback socket in the test's event loop."""
+"""Real uvicorn servers for tests (the gateway on a loopback socket in the test's event loop), and
+reading what they answer."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 
 import httpx
@@ -51,3 +52,12 @@ async def wait_until_ready(url: str, timeout_s: float = 10.0) -> None:
             if asyncio.get_running_loop().time() > deadline:
                 raise TimeoutError(f"{url} did not become ready in {timeout_s} s")
             await asyncio.sleep(0.02)
+
+
+def server_timing_ms(headers: Mapping[str, str], name: str) -> float:
+    """One ``Server-Timing`` entry's duration in ms, e.g. ``server_timing_ms(r.headers, "queue")``."""
+    for entry in headers["server-timing"].split(","):
+        metric, _, duration = entry.strip().partition(";dur=")
+        if metric == name:
+            return float(duration)
+    raise AssertionError(f"no {name!r} in Server-Timing: {headers['server-timing']}")

@@ -15,6 +15,7 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Mapping
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,14 +37,31 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+#: For servers that share the machine with other vLLM servers. vLLM's CPU build pins its
+#: worker to core 0 by default (keeping the last core for its API server); two or three
+#: servers pinned to the same core starve each other: measured here, a server starting next
+#: to a busy one sat 6 minutes in start-up, and a first token took over 1.5 s. One unpinned
+#: compute thread each lets the kernel spread them.
+SHARED_CPU = {"VLLM_CPU_OMP_THREADS_BIND": "nobind", "OMP_NUM_THREADS": "1"}
+
+
 class VllmServer:
-    def __init__(self, model: str, max_num_seqs: int, name: str, *extra: str) -> None:
+    def __init__(
+        self,
+        model: str,
+        max_num_seqs: int,
+        name: str,
+        *extra: str,
+        env: Mapping[str, str] | None = None,
+    ) -> None:
+        """``extra`` are more vLLM flags; ``env`` more environment (e.g. :data:`SHARED_CPU`)."""
         self.model = model
         self.max_num_seqs = max_num_seqs
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = OUTPUT / f"vllm-{name}.log"
         self._extra = extra
+        self._env = {**os.environ, **(env or {})}
         self._process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> VllmServer:
@@ -59,6 +77,7 @@ class VllmServer:
             ],
             stdout=log,
             stderr=subprocess.STDOUT,
+            env=self._env,
             start_new_session=True,  # its own process group, stopped as a whole
         )
         return self

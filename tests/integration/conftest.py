@@ -14,7 +14,7 @@ import pytest
 from gateway.config import Config
 from gateway.settings import Settings
 from tests.servers import running_gateway
-from tests.vllm_server import VllmServer, model_dir
+from tests.vllm_server import SHARED_CPU, VllmServer, model_dir
 
 GatewayFactory = Callable[..., AbstractAsyncContextManager[str]]
 
@@ -23,8 +23,8 @@ GatewayFactory = Callable[..., AbstractAsyncContextManager[str]]
 def servers() -> Iterator[dict[str, VllmServer]]:
     model = model_dir("QWEN_GATEWAY_TINY_MODEL", "tiny-qwen2")
     started = {
-        "serial": VllmServer(model, 1, "tiny-serial", "--enforce-eager").start(),
-        "main": VllmServer(model, 4, "tiny-main", "--enforce-eager").start(),
+        "serial": VllmServer(model, 1, "tiny-serial", "--enforce-eager", env=SHARED_CPU).start(),
+        "main": VllmServer(model, 4, "tiny-main", "--enforce-eager", env=SHARED_CPU).start(),
     }
     try:
         for server in started.values():

@@ -5,8 +5,9 @@ clock and the gateway's do not share an event loop. A known workload runs while 
 times every request; then Prometheus (Debian's ``/usr/bin/prometheus``, scraping the
 gateway every second) is asked for each task's p95 latency from
 ``gateway_request_duration_seconds`` and for the request counts. The p95 must
-fall in the histogram bucket that holds the client's p95, or a neighbouring one (a histogram
-cannot say more), and the counts must equal what was sent. The gateway's own scrape of
+fall between the p95 the gateway reported to the clients (Server-Timing) and the p95 the
+clients timed, give or take a neighbouring bucket (a histogram cannot say more), and the
+counts must equal what was sent. The gateway's own scrape of
 vLLM's /metrics is checked on the way: the load it read is present and in range.
 """
 
@@ -28,6 +29,7 @@ import httpx
 import pytest
 
 from gateway.metrics import LATENCY_BUCKETS
+from tests.servers import server_timing_ms
 from tests.vllm_server import OUTPUT, ROOT, VllmServer
 
 SENTIMENT_TEXTS = ["I love this phone", "这家餐厅太难吃了", "meh", "best day ever", "awful"]
@@ -191,7 +193,10 @@ async def test_prometheus_p95_and_counts_match_the_clients(
 
             await until(scraped_once, "Prometheus' first scrape of the gateway")
 
+            # Per task: what the client timed, and what the gateway said it took (its
+            # Server-Timing total: the whole answer, or a stream's time to first byte).
             latencies: dict[str, list[float]] = {"sentiment": [], "chat": []}
+            reported: dict[str, list[float]] = {"sentiment": [], "chat": []}
             gate = asyncio.Semaphore(CONCURRENCY)
 
             async def sentiment(i: int) -> None:
@@ -207,6 +212,7 @@ async def test_prometheus_p95_and_counts_match_the_clients(
                     )
                     latencies["sentiment"].append(time.perf_counter() - start)
                 assert r.status_code == 200, r.text
+                reported["sentiment"].append(server_timing_ms(r.headers, "total") / 1000)
 
             async def chat(i: int) -> None:
                 body = {
@@ -221,6 +227,7 @@ async def test_prometheus_p95_and_counts_match_the_clients(
                         content = await r.aread()
                     latencies["chat"].append(time.perf_counter() - start)
                 assert r.status_code == 200, content[-500:]
+                reported["chat"].append(server_timing_ms(r.headers, "total") / 1000)
                 if body["stream"]:
                     assert content.rstrip().endswith(b"data: [DONE]")
 
@@ -251,16 +258,27 @@ async def test_prometheus_p95_and_counts_match_the_clients(
     seen = {(s["metric"]["task"], s["metric"]["outcome"]): float(s["value"][1]) for s in counts}
     assert seen == {(task, "ok"): float(n) for task, n in sent.items()}
 
+    # The gateway's histogram lies between what it reported to each client (it stops its
+    # clock no earlier) and what the clients timed (they start theirs no later), so its p95
+    # must fall in the buckets spanned by those two p95s, give or take the neighbouring bucket
+    # a histogram cannot resolve. On a busy 2-core machine the client's own clock can run
+    # ahead of the gateway's by a bucket or two; a wrong histogram (units, labels, outcomes)
+    # lands far outside.
     for task, values in latencies.items():
-        assert len(values) == sent[task]
-        client_p95 = nearest_rank_p95(values)
+        assert len(values) == len(reported[task]) == sent[task]
+        low, high = nearest_rank_p95(reported[task]), nearest_rank_p95(values)
         estimate = p95[task]
-        near = bucket_index(client_p95)
         print(
-            f"{task}: client p95 {client_p95:.3f} s (bucket {near}), "
-            f"Prometheus p95 {estimate:.3f} s (bucket {bucket_index(estimate)})"
+            f"{task}: p95 reported by the gateway {low:.3f} s (bucket {bucket_index(low)}), "
+            f"timed by the client {high:.3f} s (bucket {bucket_index(high)}), "
+            f"Prometheus {estimate:.3f} s (bucket {bucket_index(estimate)})"
         )
-        assert abs(bucket_index(estimate) - near) <= 1, (task, estimate, sorted(values))
+        assert bucket_index(low) - 1 <= bucket_index(estimate) <= bucket_index(high) + 1, (
+            task,
+            estimate,
+            sorted(reported[task]),
+            sorted(values),
+        )
 
     # The gateway read the real vLLM's load while the work ran (its own /metrics scrape).
     (upstream,) = status["upstreams"]

@@ -17,6 +17,7 @@ import httpx
 
 from gateway.config import Config, default_config_path, parse_config
 from tests.integration.conftest import GatewayFactory
+from tests.servers import server_timing_ms
 from tests.vllm_server import VllmServer
 
 GO = [{"role": "user", "content": "go"}]
@@ -73,8 +74,9 @@ async def test_realtime_overtakes_a_batch_backlog(
         sentiment = await call("sentiment", 8)
         assert sentiment.status_code == 200
         assert sentiment.json()["choices"][0]["message"]["content"] in ("positive", "negative")
-        queue_ms = float(sentiment.headers["server-timing"].split("queue;dur=")[1].split(",")[0])
-        assert queue_ms < 100  # it never waited behind the backlog
+        assert (
+            server_timing_ms(sentiment.headers, "queue") < 100
+        )  # it never waited behind the backlog
         assert all(r.status_code == 200 for r in await asyncio.gather(*backlog))
         # It overtook batch work that was waiting before it came: with at most two batch
         # requests running, four or more finished after it.
@@ -96,7 +98,7 @@ async def test_no_starvation_under_realtime_saturation(
         tasks={
             "batch": {"queue_deadline_s": 60},
             # A realtime task with longer answers, so realtime work is always waiting.
-            "rt": {"class": "realtime", "max_tokens": 64, "queue_deadline_s": 3, "deadline_s": 30},
+            "rt": {"class": "realtime", "max_tokens": 128, "queue_deadline_s": 3, "deadline_s": 30},
         },
     )
     async with start_gateway(vllm, config) as url, httpx.AsyncClient(base_url=url, timeout=60) as c:
@@ -108,7 +110,7 @@ async def test_no_starvation_under_realtime_saturation(
                 r = await c.post("/v1/chat/completions", json={"model": "rt", "messages": GO})
                 statuses.append(r.status_code)
 
-        clients = [asyncio.create_task(realtime_client()) for _ in range(12)]
+        clients = [asyncio.create_task(realtime_client()) for _ in range(16)]
         async with asyncio.timeout(30):
             while await metric(c, 'gateway_queue_depth{priority_class="realtime"}') < 2:
                 await asyncio.sleep(0.02)
@@ -119,14 +121,14 @@ async def test_no_starvation_under_realtime_saturation(
             headers={"X-Priority": "background"},
         )
         waited = time.monotonic() - started
-        still_saturated = await metric(c, 'gateway_queue_depth{priority_class="realtime"}')
         stop.set()
         await asyncio.gather(*clients)
         assert r.status_code == 200
         # Its bound: the 4 s head-start gap plus the realtime queue deadline (3 s), plus margin.
         assert waited < 4 + 3 + 6, waited
-        assert still_saturated >= 1  # realtime work was still waiting: it went by aging
-        assert await metric(c, 'gateway_priority_boosts_total{priority_class="background"}') >= 1
+        # It went by aging: when it was dispatched, realtime work was still waiting (a boost is
+        # counted exactly then), so it did not just find the realtime clients idle.
+        assert await metric(c, 'gateway_priority_boosts_total{priority_class="background"}') == 1
         assert set(statuses) <= {200, 504}  # realtime may miss its own 3 s queue deadline
 
 
