@@ -9,6 +9,12 @@ ahead in the queue a request of that class starts, and every second a request wa
 point. So a ``batch`` request (head start 10) that has waited 31 s outranks a ``realtime``
 request (head start 40) that just arrived: aging is a bounded head start, and no class can
 starve another for longer than the gap between their head starts.
+
+The other side of that bound: under *sustained* overload, work that has aged past the class
+above it takes that class's slots, so aging alone would turn overload into first come, first
+served. ``max_wait_s`` closes the door instead: while more important work is waiting, a class
+whose oldest request has already waited ``max_wait_s`` admits no more (429 with Retry-After),
+and what it has admitted is still served by aging. See :meth:`Scheduler.admit`.
 """
 
 from __future__ import annotations
@@ -28,6 +34,9 @@ class ClassPolicy:
     ``rank`` 0 is the most important class. ``reserve`` is the fraction of each upstream's
     dispatch window this class must leave free for more important classes (its headroom).
     ``max_queued`` bounds how many requests of this class may wait in the gateway.
+    ``max_wait_s`` is how far behind the class may fall while more important work waits
+    before it admits no more (by default the gap to the class above: the age at which its
+    requests would start to outrank that class's fresh ones).
     """
 
     name: str
@@ -35,6 +44,7 @@ class ClassPolicy:
     head_start_s: float
     reserve: float
     max_queued: int
+    max_wait_s: float = math.inf
 
     def reserved_slots(self, window: int) -> int:
         """Slots of a ``window``-wide upstream this class may not use.
@@ -47,10 +57,10 @@ class ClassPolicy:
 
 DEFAULT_POLICIES: tuple[ClassPolicy, ...] = (
     ClassPolicy("realtime", 0, head_start_s=40.0, reserve=0.0, max_queued=64),
-    ClassPolicy("interactive", 1, head_start_s=30.0, reserve=0.1, max_queued=64),
-    ClassPolicy("standard", 2, head_start_s=20.0, reserve=0.2, max_queued=128),
-    ClassPolicy("batch", 3, head_start_s=10.0, reserve=0.3, max_queued=256),
-    ClassPolicy("background", 4, head_start_s=0.0, reserve=0.4, max_queued=256),
+    ClassPolicy("interactive", 1, head_start_s=30.0, reserve=0.1, max_queued=64, max_wait_s=10),
+    ClassPolicy("standard", 2, head_start_s=20.0, reserve=0.2, max_queued=128, max_wait_s=10),
+    ClassPolicy("batch", 3, head_start_s=10.0, reserve=0.3, max_queued=256, max_wait_s=10),
+    ClassPolicy("background", 4, head_start_s=0.0, reserve=0.4, max_queued=256, max_wait_s=10),
 )
 
 

@@ -8,9 +8,10 @@ deadline silently falling back to a default is worse than a refused reload.
 
 from __future__ import annotations
 
+import math
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any, TypeVar
@@ -116,10 +117,15 @@ def _parse_classes(raw: Mapping[str, Any]) -> ClassTable:
             f"unknown priority class {sorted(unknown)[0]!r}; classes are {', '.join(CLASS_NAMES)}"
         )
     policies = []
+    max_waits: list[float | None] = []
     for default in DEFAULT_POLICIES:
         path = f"classes.{default.name}"
         body = _table(raw, default.name, "classes")
-        _no_unknown_keys(body, {"head_start_s", "reserve", "max_queued"}, path)
+        _no_unknown_keys(body, {"head_start_s", "reserve", "max_queued", "max_wait_s"}, path)
+        max_wait = body.get("max_wait_s")
+        if max_wait is not None:
+            max_wait = _positive(_require(body, "max_wait_s", float, path), f"{path}.max_wait_s")
+        max_waits.append(max_wait)
         reserve = _get(body, "reserve", float, default.reserve, path)
         if not 0.0 <= reserve < 1.0:
             raise ConfigError(f"{path}.reserve must be in [0, 1), got {reserve}")
@@ -146,6 +152,14 @@ def _parse_classes(raw: Mapping[str, Any]) -> ClassTable:
         # Headroom is kept for MORE important classes; a less important class with less
         # reserve would be dispatched where a more important one may not go.
         raise ConfigError("reserve must not decrease from realtime down to background")
+    # By default a class may fall behind by its gap to the class above: from then on its
+    # requests would outrank that class's fresh ones. No gap (or the top class): no limit.
+    above = [math.inf] + [p.head_start_s for p in policies[:-1]]
+    for i, (policy, wait) in enumerate(zip(policies, max_waits, strict=True)):
+        if wait is None:
+            gap = above[i] - policy.head_start_s
+            wait = gap if 0 < gap < math.inf else math.inf
+        policies[i] = replace(policy, max_wait_s=wait)
     return ClassTable(policies)
 
 

@@ -30,7 +30,9 @@ OUTCOMES = (
 SERVED_OUTCOMES = ("ok", "deadline", "upstream_error")
 
 #: Why a request was turned away (the ``reason`` label of rejections).
-REJECTION_REASONS = ("queue_full", "class_queue_full", "shed", "rate_limited", "concurrency")
+REJECTION_REASONS = (
+    "queue_full", "class_queue_full", "class_overloaded", "shed", "rate_limited", "concurrency",
+)  # fmt: skip
 
 #: Where a deadline passed (the ``stage`` label).
 DEADLINE_STAGES = ("queue", "dispatch", "upstream")

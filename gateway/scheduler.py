@@ -165,6 +165,10 @@ class ClassQueue:
     def head(self) -> Ticket | None:
         return self._by_tenant[self._turns[0]][0][2] if self._turns else None
 
+    def oldest_arrival(self) -> float | None:
+        """When the longest-waiting ticket arrived (each tenant's list is in arrival order)."""
+        return min((items[0][2].arrival for items in self._by_tenant.values()), default=None)
+
     def newest(self) -> Ticket | None:
         """The newest ticket of the tenant with the most waiting: what to shed first."""
         if not self._turns:
@@ -237,6 +241,8 @@ class Scheduler:
         self._seq = itertools.count()
         self._queued = 0
         self.drain = DrainRate()
+        # When each class last had work left waiting after a dispatch round.
+        self._waited_at: dict[str, float] = {}
 
     # -- configuration ---------------------------------------------------------------
 
@@ -279,8 +285,25 @@ class Scheduler:
     # -- admission -------------------------------------------------------------------
 
     def admit(self, ticket: Ticket, now: float) -> Admitted | Rejected:
+        """Queue the ticket, or say why not.
+
+        Besides the queue bounds, a class that has fallen behind yields: when its oldest
+        waiting request has waited more than ``max_wait_s`` while more important work also
+        had to wait, new requests of the class are refused. Admitted ones would only be
+        served by aging past that more important work, so under sustained overload the
+        gateway would drift to first come, first served; refusing at the door keeps the
+        classes apart, and what is already queued is still served by aging.
+        """
         policy = ticket.policy
         queue = self._queues[policy.name]
+        behind = self._behind(policy, queue, now)
+        if behind is not None:
+            return Rejected(
+                "class_overloaded",
+                f"the {policy.name} class is overloaded: its oldest request has waited "
+                f"{behind:.0f} s behind more important work (limit {policy.max_wait_s:g} s)",
+                self.retry_after(policy, now),
+            )
         if len(queue) >= policy.max_queued:
             return Rejected(
                 "class_queue_full",
@@ -304,6 +327,20 @@ class Scheduler:
         self._queued += 1
         heapq.heappush(self._expiries, (ticket.expires_at, ticket.seq, ticket))
         return Admitted(shed)
+
+    def _behind(self, policy: ClassPolicy, queue: ClassQueue, now: float) -> float | None:
+        """How long the class's oldest request has waited, if past its limit while more
+        important work also waited; else None."""
+        oldest = queue.oldest_arrival()
+        if oldest is None or now - oldest <= policy.max_wait_s:
+            return None
+        since = now - policy.max_wait_s
+        above = self.classes.ordered[: policy.rank]
+        if any(
+            self._queues[p.name] or self._waited_at.get(p.name, -math.inf) >= since for p in above
+        ):
+            return now - oldest
+        return None
 
     def _shed_candidate(self, arriving: ClassPolicy) -> Ticket | None:
         """The newest request of the least important class below the arriving one."""
@@ -365,6 +402,9 @@ class Scheduler:
             )
             window.inflight += 1
             released.append(Dispatch(ticket))
+        for name, queue in self._queues.items():
+            if queue:
+                self._waited_at[name] = now
         return released
 
     def _pick(self, now: float) -> tuple[Ticket, Window] | None:

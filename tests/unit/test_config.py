@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +67,10 @@ def test_labels_are_configurable_in_any_language(tmp_path: Path) -> None:
         ),
         ({"tasks": {"t": {}}, "classes": {"batch": {"reserve": 1.0}}}, "reserve must be in [0, 1)"),
         (
+            {"tasks": {"t": {}}, "classes": {"batch": {"max_wait_s": 0}}},
+            "classes.batch.max_wait_s must be positive",
+        ),
+        (
             {
                 "tasks": {
                     "a": {
@@ -101,3 +106,24 @@ def test_class_overrides_keep_defaults_for_the_rest() -> None:
     assert config.classes["batch"].max_queued == 5
     assert config.classes["batch"].head_start_s == 10.0
     assert config.classes["realtime"].max_queued == 64
+
+
+def test_max_wait_defaults_to_the_gap_to_the_class_above() -> None:
+    config = parse_config(
+        {
+            "tasks": {"t": {}},
+            "classes": {
+                "standard": {"head_start_s": 25},
+                "batch": {"head_start_s": 25},
+                "background": {"max_wait_s": 90},
+            },
+        }
+    )
+    waits = {p.name: p.max_wait_s for p in config.classes.ordered}
+    assert waits == {
+        "realtime": math.inf,  # nothing above it
+        "interactive": 10.0,
+        "standard": 5.0,
+        "batch": math.inf,  # no gap: batch never outranks standard's fresh work
+        "background": 90.0,  # as configured
+    }

@@ -6,6 +6,8 @@ No sleeps: every call takes ``now``.
 from __future__ import annotations
 
 import itertools
+import math
+from dataclasses import replace
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -14,6 +16,8 @@ from gateway.classes import DEFAULT_POLICIES, ClassPolicy, ClassTable
 from gateway.scheduler import Admitted, Dispatch, Expiry, Rejected, Scheduler, State, Ticket, Window
 
 CLASSES = ClassTable(DEFAULT_POLICIES)
+#: The classes without their admission limit (max_wait_s), for tests of ordering alone.
+UNBOUNDED = ClassTable(replace(p, max_wait_s=math.inf) for p in DEFAULT_POLICIES)
 RT, INTER, STD, BATCH, BG = (CLASSES[n] for n in CLASSES.names())
 
 
@@ -265,11 +269,11 @@ def test_dispatch_order_is_by_effective_priority(
     items: list[tuple[str, float]], window: int
 ) -> None:
     """With one slot, each dispatch takes the waiting ticket with the highest aged priority."""
-    s = scheduler(window=1)
+    s = scheduler(window=1, classes=UNBOUNDED)  # admission is not what this is about
     blocker = ticket(RT, 0.0)
     s.admit(blocker, 0.0)
     s.dispatch(0.0)
-    tickets = [ticket(CLASSES[name], at) for name, at in items]
+    tickets = [ticket(UNBOUNDED[name], at) for name, at in items]
     admit_all(s, tickets, 100.0)
     now = 200.0
     s.release(blocker, now)
@@ -440,3 +444,54 @@ def test_every_waiting_tenant_is_served_within_one_round(tenants: list[str]) -> 
         for a, b in itertools.pairwise(positions):
             between = order[a + 1 : b]
             assert all(between.count(other) <= 1 for other in set(between)), order
+
+
+def behind_realtime(s: Scheduler) -> tuple[Ticket, Ticket]:
+    """Window 1 held by realtime, a batch request queued at 0 and a realtime one waiting.
+
+    Returns the running realtime request and the queued batch one."""
+    blocker = ticket(RT, 0.0)
+    s.admit(blocker, 0.0)
+    s.dispatch(0.0)
+    old_batch = ticket(BATCH, 0.0)
+    admit_all(s, [old_batch, ticket(RT, 0.0)], 0.0)
+    s.dispatch(0.0)  # realtime is left waiting: the class above batch had to wait
+    return blocker, old_batch
+
+
+def test_a_class_fallen_behind_more_important_work_admits_no_more() -> None:
+    s = scheduler(window=1)
+    _, old_batch = behind_realtime(s)
+    late = BATCH.max_wait_s + 1.0
+    result = s.admit(ticket(BATCH, late), late)
+    assert isinstance(result, Rejected)
+    assert result.reason == "class_overloaded"
+    assert "waited 11 s" in result.message
+    assert result.retry_after_s >= 1
+    assert isinstance(s.admit(ticket(RT, late), late), Admitted)  # the classes above still enter
+    assert old_batch.state is State.QUEUED  # what was admitted stays, to be served by aging
+
+
+def test_a_class_within_its_max_wait_is_admitted() -> None:
+    s = scheduler(window=1)
+    behind_realtime(s)
+    now = BATCH.max_wait_s - 0.5
+    assert isinstance(s.admit(ticket(BATCH, now), now), Admitted)
+
+
+def test_a_class_behind_only_its_own_kind_is_admitted() -> None:
+    """A batch flood with nothing more important waiting queues as usual."""
+    s = scheduler(window=1)
+    admit_all(s, [ticket(BATCH, 0.0) for _ in range(5)], 0.0)
+    s.dispatch(0.0)
+    assert isinstance(s.admit(ticket(BATCH, 100.0), 100.0), Admitted)
+
+
+def test_contention_long_past_does_not_close_the_door() -> None:
+    s = scheduler(window=1)
+    blocker, old_batch = behind_realtime(s)
+    s.release(blocker, 1.0)
+    s.dispatch(1.0)  # the waiting realtime request runs; from now on only batch waits
+    late = 1.0 + BATCH.max_wait_s + 1.0
+    assert old_batch.state is State.QUEUED  # batch has waited past its limit...
+    assert isinstance(s.admit(ticket(BATCH, late), late), Admitted)  # ...but behind nobody
