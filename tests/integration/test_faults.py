@@ -1,0 +1,213 @@
+"""Faults on real vLLM: a vLLM killed mid-stream, failover to another, recovery when it comes
+back, and two gateways sharing one vLLM.
+
+The victim is a vLLM of this module's own (the session's servers must stay up); killing it is
+SIGKILL to its process group, as the kernel's OOM killer or a node loss would do it. The
+restart runs while the test goes on, so the time it costs is spent checking that the other
+upstream keeps serving. Timing claims live in the benchmarks; these tests assert order and
+outcomes, with margins.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import time
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from gateway.settings import Settings
+from tests.integration.conftest import GatewayFactory
+from tests.integration.test_vllm_scheduling import GO, metric, table, vllm_running
+from tests.servers import running_gateway, server_timing_ms
+from tests.vllm_server import SHARED_CPU, VllmServer, model_dir
+
+LONG_STREAM = {"model": "chat", "messages": GO, "max_tokens": 1000, "stream": True}
+SHORT = {"model": "chat", "messages": GO, "max_tokens": 8}
+
+
+class Victim(VllmServer):
+    """A vLLM that can be killed outright and started again on the same port."""
+
+    def kill(self) -> None:
+        assert self._process is not None
+        os.killpg(self._process.pid, signal.SIGKILL)  # the API server and its engine
+        self._process.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def victim(request: pytest.FixtureRequest) -> Iterator[Victim]:
+    model = model_dir("QWEN_GATEWAY_TINY_MODEL", "tiny-qwen2")
+    server = Victim(model, 4, "tiny-victim", "--enforce-eager", env=SHARED_CPU).start()
+    try:
+        request.getfixturevalue("servers")  # the session's servers start meanwhile
+        server.wait_ready()
+        yield server
+    finally:
+        server.stop()
+
+
+def upstream_label(server: VllmServer) -> str:
+    return server.url.split("://", 1)[1]
+
+
+async def breaker(c: httpx.AsyncClient, server: VllmServer) -> float:
+    return await metric(c, f'gateway_upstream_breaker_state{{upstream="{upstream_label(server)}"}}')
+
+
+async def until_status(c: httpx.AsyncClient, path: str, status: int, timeout_s: float) -> float:
+    """Poll until ``path`` answers ``status``; the seconds it took."""
+    started = time.monotonic()
+    async with asyncio.timeout(timeout_s):
+        while (await c.get(path)).status_code != status:
+            await asyncio.sleep(0.1)
+    return time.monotonic() - started
+
+
+class Stream:
+    """A long stream read in the background: its lines, when its first token came, when it
+    ended."""
+
+    def __init__(self, client: httpx.AsyncClient) -> None:
+        self.lines: list[str] = []
+        self.started = asyncio.Event()
+        self.ended_at = 0.0
+        self.task = asyncio.create_task(self._read(client))
+
+    async def _read(self, client: httpx.AsyncClient) -> None:
+        async with client.stream("POST", "/v1/chat/completions", json=LONG_STREAM) as r:
+            assert r.status_code == 200
+            async for line in r.aiter_lines():
+                if line:
+                    self.lines.append(line)
+                if '"content":"' in line and '"content":""' not in line:
+                    self.started.set()
+        self.ended_at = time.monotonic()
+
+
+async def test_killed_upstream_mid_stream_failover_and_recovery(
+    vllm: VllmServer, victim: Victim, start_gateway: GatewayFactory
+) -> None:
+    pair_settings = Settings(
+        upstreams=(victim.url, vllm.url),  # the victim first: it wins ties, so it gets work
+        window=4,
+        health_interval_s=0.5,
+        access_log=False,
+    )
+    async with (
+        start_gateway(victim) as solo_url,
+        running_gateway(pair_settings) as pair_url,
+        httpx.AsyncClient(base_url=solo_url, timeout=120) as solo,
+        httpx.AsyncClient(base_url=pair_url, timeout=120) as pair,
+    ):
+        # Two long streams on the victim, one through each gateway.
+        streams = [Stream(pair), Stream(solo)]
+        async with asyncio.timeout(60):
+            for stream in streams:
+                await stream.started.wait()
+        async with asyncio.timeout(10):
+            while await vllm_running(victim) != 2:
+                await asyncio.sleep(0.1)
+
+        killed_at = time.monotonic()
+        await asyncio.to_thread(victim.kill)
+        await asyncio.gather(*(s.task for s in streams))
+        for stream in streams:
+            assert stream.ended_at - killed_at < 2, stream.ended_at - killed_at
+            assert stream.lines[-1] == "data: [DONE]"
+            error = json.loads(stream.lines[-2][6:])["error"]
+            assert error["type"] == "upstream_error", error
+
+        # A gateway whose only upstream just died answers 503 at once.
+        r = await solo.post("/v1/chat/completions", json=SHORT)
+        assert r.status_code == 503, r.text
+        assert r.json()["error"]["code"] in ("upstream_unavailable", "no_upstream")
+
+        victim.start()  # back on the same port in a while; meanwhile, the other one serves
+        responses = await asyncio.gather(
+            *(
+                pair.post("/v1/chat/completions", json={**SHORT, "stream": i % 2 == 0})
+                for i in range(6)
+            )
+        )
+        assert [r.status_code for r in responses] == [200] * 6
+        assert all("error" not in r.text for r in responses)
+        await until_status(solo, "/ready", 503, timeout_s=10)
+        assert (await pair.get("/ready")).status_code == 200
+        assert await breaker(pair, victim) == 2  # open: nothing is sent there
+
+        served: list[int] = []
+        ready = asyncio.create_task(asyncio.to_thread(victim.wait_ready))
+        while not ready.done():  # keep serving through the pair while the victim starts
+            served.append((await pair.post("/v1/chat/completions", json=SHORT)).status_code)
+            await asyncio.sleep(0.5)
+        await ready
+        assert served
+        assert set(served) == {200}
+
+        # Back: the breaker's probe finds it within the cool-down ladder (5, 10, 20, 40 s...).
+        await until_status(solo, "/ready", 200, timeout_s=90)
+        r = await solo.post("/v1/chat/completions", json=SHORT)
+        assert r.status_code == 200, r.text
+        async with asyncio.timeout(90):
+            while await breaker(pair, victim) != 0:
+                await asyncio.sleep(0.2)
+        upstreams = (await pair.get("/ready")).json()["upstreams"]
+        assert upstreams[upstream_label(victim)]["up"] is True
+
+
+async def test_two_gateways_sharing_one_vllm_see_each_others_load(
+    vllm: VllmServer, start_gateway: GatewayFactory
+) -> None:
+    """Gateway A floods batch. Gateway B counts A's requests as the upstream's external load
+    (scraped from vLLM's metrics), so it holds its own batch back instead of filling the
+    slots A's headroom leaves free, and its realtime requests still start at once.
+
+    Without the external load B would send its batch at once (its own window looks empty),
+    vLLM would be full, and B's realtime requests would wait in vLLM's queue behind batch.
+    """
+    config = table(tasks={"batch": {"queue_deadline_s": 300, "deadline_s": 300}})
+    async with (
+        start_gateway(vllm, config) as a_url,
+        start_gateway(vllm, config) as b_url,
+        httpx.AsyncClient(base_url=a_url, timeout=300) as a,
+        httpx.AsyncClient(base_url=b_url, timeout=300) as b,
+    ):
+
+        def batch(c: httpx.AsyncClient) -> asyncio.Task[httpx.Response]:
+            body = {"model": "batch", "messages": GO, "max_tokens": 600}
+            return asyncio.create_task(c.post("/v1/chat/completions", json=body))
+
+        def sentiment(i: int) -> dict[str, object]:
+            return {"model": "sentiment", "messages": [{"role": "user", "content": f"t{i}"}]}
+
+        # Compile the label grammar first: on a quiet machine that can take longer than the
+        # tiny model needs for the whole backlog.
+        assert (await b.post("/v1/chat/completions", json=sentiment(-1))).status_code == 200
+        batch_depth = 'gateway_queue_depth{priority_class="batch"}'
+        backlog = [batch(a) for _ in range(8)]  # A runs 2 at a time (batch's headroom)
+        label = upstream_label(vllm)
+        async with asyncio.timeout(30):
+            while await metric(a, batch_depth) < 4:
+                await asyncio.sleep(0.05)
+            while await metric(b, f'gateway_upstream_running{{upstream="{label}"}}') < 2:
+                await asyncio.sleep(0.05)  # B's scrape sees A's work
+        b_backlog = [batch(b) for _ in range(2)]
+        async with asyncio.timeout(5):  # B holds its batch back: A's work fills batch's share
+            while await metric(b, batch_depth) < 1:
+                await asyncio.sleep(0.05)
+
+        for i in range(3):
+            r = await b.post("/v1/chat/completions", json=sentiment(i))
+            assert r.status_code == 200, r.text
+            assert r.json()["choices"][0]["message"]["content"] in ("positive", "negative")
+            assert server_timing_ms(r.headers, "queue") < 100
+        a_done = sum(task.done() for task in backlog)
+        assert a_done < len(backlog) / 2, a_done  # before A's backlog was half done
+
+        results = await asyncio.gather(*backlog, *b_backlog)
+        assert [r.status_code for r in results] == [200] * 10
