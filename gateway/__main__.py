@@ -7,6 +7,7 @@ SIGTERM or Ctrl-C stops it gracefully (see :mod:`gateway.shutdown`) and the exit
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import math
 import signal
@@ -71,6 +72,15 @@ class GatewayServer(uvicorn.Server):
     def __init__(self, config: uvicorn.Config, drain: Drain) -> None:
         super().__init__(config)
         self.drain = drain
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        # What exists now (the imported libraries, the runtime the lifespan built) lives as
+        # long as the process. Frozen, it is no longer re-walked by every full collection:
+        # measured at 3,500 req/s, those came every ~950 requests and stalled every open
+        # request for 26-32 ms (the p99); frozen, 3.5 ms. Requests make no cyclic garbage.
+        gc.collect()
+        gc.freeze()
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         log = logging.getLogger("gateway")
