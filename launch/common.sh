@@ -31,6 +31,12 @@ ensure_system_packages() {
     local missing=()
     command -v promtool >/dev/null || missing+=(prometheus)
     command -v chromium >/dev/null || missing+=(chromium)
+    apt_install "${missing[@]}"
+}
+
+# apt_install PACKAGE... (none: nothing to do)
+apt_install() {
+    local missing=("$@")
     [ ${#missing[@]} -eq 0 ] && return 0
     say "Installing Debian packages: ${missing[*]} (first run only)"
     local sudo=""

@@ -1,6 +1,6 @@
 """Measure what the gateway adds on top of an instant upstream, on this machine, in one command.
 
-    python loadtest/overhead.py [--duration 10] [--rounds 3] [--out loadtest/out/overhead.json]
+    ./launch/bench.sh overhead [--duration 10] [--rounds 3] [--out loadtest/out/overhead.json]
 
 It starts ``loadtest/fake_upstream.py`` and two gateways in front of it (access log on and
 off; a dispatch window so large it never limits), checks that each answers correctly, then
@@ -533,6 +533,13 @@ def main() -> int:
             f"{name}: added p50 {g['json_c1_added_p50_ms'] * 1000:,.0f} us, "
             f"added p99 {g['json_c16_added_p99_ms']:.2f} ms, {g['json_c16_rps']:,.0f} req/s "
             f"-> {verdict}"
+        )
+    disturbed = [r for r in result["runs"] if r["foreign_cpu_pct"] > 2 * args.quiet_pct]
+    if disturbed:
+        print(
+            f"\nWARNING: other processes used over {2 * args.quiet_pct:g}% of the machine during "
+            f"{len(disturbed)} of {len(result['runs'])} runs; their figures are low "
+            "(foreign_cpu_pct in the JSON's runs)"
         )
     print(f"\nwrote {args.out}")
     return 0

@@ -1,7 +1,7 @@
 """The SLO benchmark: does the gateway keep each class's promises when vLLM is overloaded?
 
-    .venv/bin/python loadtest/slo.py            # the full run, ~25 min on 2 cores
-    .venv/bin/python loadtest/slo.py --quick    # a ~6 min version for trying it out
+    ./launch/bench.sh slo            # the full run, ~25 min on 2 cores
+    ./launch/bench.sh slo --quick    # a ~6 min version for trying it out
 
 One vLLM (the real default model, ``--max-num-seqs 8``) serves three configurations in one
 run, replaying the same open-loop Poisson trace (arrival times, prompts, seeds) for each:
@@ -68,7 +68,11 @@ from loadtest.workload import (  # noqa: E402
     vllm_body,
 )
 
-DEFAULT_MODEL = "/work/scratch/models/default"
+#: The default model as the launchers build it (./launch/bench.sh slo sets the variable).
+DEFAULT_MODEL = os.environ.get("QWEN_GATEWAY_DEFAULT_MODEL") or str(
+    Path(os.environ.get("QWEN_GATEWAY_CACHE") or Path.home() / ".cache/qwen-gateway")
+    / "models/qwen2.5-coder-0.5b-instruct"
+)
 DEFAULT_MIX = "sentiment=5,chat=3,summarize=1,batch=1"
 CHAT = "/v1/chat/completions"
 
@@ -528,7 +532,7 @@ def build_report(
         "started": started.isoformat(timespec="seconds"),
         "finished": finished.isoformat(timespec="seconds"),
         "wall_min": (finished - started).total_seconds() / 60,
-        "command": "python loadtest/slo.py " + " ".join(sys.argv[1:]),
+        "command": "./launch/bench.sh slo " + " ".join(sys.argv[1:]),
         "machine": asdict(machine),
         "source": bench.source,
         "machine_text": machine.markdown(),

@@ -1,7 +1,7 @@
 """Soak benchmark: does the gateway leak memory or file descriptors under a long mixed load?
 
-    .venv/bin/python loadtest/soak.py                # 10 minutes
-    .venv/bin/python loadtest/soak.py --minutes 3    # a shorter check
+    ./launch/bench.sh soak                # 10 minutes
+    ./launch/bench.sh soak --minutes 3    # a shorter check
 
 It starts the tiny-model stack: vLLM on the tiny random Qwen2 model (``launch/vllm.sh ...
 --enforce-eager``, in its own process group; the model folder is ``--model``, else

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Run a benchmark. On a fresh machine it first sets up what the benchmark needs (the venvs,
+# vLLM's CPU build, the model it uses, wrk); later runs reuse all of it.
+#
+#   ./launch/bench.sh slo [--quick | --repeats 2 | ...]    # vLLM alone vs the gateway, default model
+#   ./launch/bench.sh overhead [--rounds 3 | ...]           # the gateway's own cost, wrk + a fake upstream
+#   ./launch/bench.sh soak [--minutes 10 | ...]             # memory and FDs under mixed load, tiny model
+#
+# Each prints its results and where it wrote them; `--help` after the name lists its options.
+set -euo pipefail
+. "$(dirname "$0")/common.sh"
+cd "$ROOT"
+
+name=${1:-}
+[ -n "$name" ] || fail "choosing a benchmark" "name one: slo, overhead or soak"
+shift
+
+ensure_gateway_venv
+case $name in
+    slo)
+        ensure_vllm_venv
+        ensure_model default "$DEFAULT_MODEL_DIR"
+        export QWEN_GATEWAY_DEFAULT_MODEL="$DEFAULT_MODEL_DIR"
+        ;;
+    soak)
+        ensure_vllm_venv
+        ensure_model tiny "$TINY_MODEL_DIR"
+        export QWEN_GATEWAY_TINY_MODEL="$TINY_MODEL_DIR"
+        ;;
+    overhead)
+        command -v wrk >/dev/null || apt_install wrk
+        ;;
+    *) fail "choosing a benchmark" "unknown benchmark '$name' (slo, overhead, soak)" ;;
+esac
+exec "$VENV/bin/python" "loadtest/$name.py" "$@"
