@@ -26,8 +26,8 @@ from loadtest.openloop import Result
 CONFIG_LABELS = {
     "a": "(a) vLLM alone, FCFS",
     "b": "(b) vLLM alone, static priority",
-    "c": "(c) through the gateway",
-    "d": "(d) gateway, tuned task table",
+    "c": "(c) gateway, shipped task table",
+    "d": "(d) gateway, SLA-first task table",
 }
 
 

@@ -127,3 +127,26 @@ def test_max_wait_defaults_to_the_gap_to_the_class_above() -> None:
         "batch": math.inf,  # no gap: batch never outranks standard's fresh work
         "background": 90.0,  # as configured
     }
+
+
+def test_the_sla_first_table_differs_from_the_shipped_one_only_as_documented() -> None:
+    """loadtest/tasks-tuned.toml is what the SLO benchmark's configuration (d) measured."""
+    shipped = load_config(None)
+    tuned = load_config(Path(__file__).parents[2] / "loadtest" / "tasks-tuned.toml")
+    changed_classes = {
+        p.name: (p.reserve, p.max_wait_s)
+        for p, q in zip(tuned.classes.ordered, shipped.classes.ordered, strict=True)
+        if p != q
+    }
+    assert changed_classes == {
+        "standard": (0.25, 3.0),
+        "batch": (0.5, 3.0),
+        "background": (0.6, 3.0),
+    }
+    changed_tasks = {
+        name: task.queue_deadline_s
+        for name, task in tuned.tasks.items()
+        if task != shipped.tasks[name]
+    }
+    assert changed_tasks == {"chat": 2.5, "code": 2.5}
+    assert tuned.tasks.keys() == shipped.tasks.keys()
