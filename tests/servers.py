@@ -1,12 +1,16 @@
-"""Real uvicorn servers for tests (the gateway on a loopback socket in the test's event loop), and
-reading what they answer."""
+"""Real gateways for tests: on a loopback socket in the test's event loop, or as their own
+``python -m gateway`` process; and reading what they answer."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Mapping
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 import httpx
 import uvicorn
@@ -14,6 +18,8 @@ import uvicorn
 from gateway.app import create_app
 from gateway.config import Config
 from gateway.settings import Settings
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @asynccontextmanager
@@ -43,6 +49,51 @@ async def running_gateway(
     finally:
         server.should_exit = True
         await asyncio.wait_for(task, 10)
+
+
+@asynccontextmanager
+async def gateway_process(args: Sequence[str], port: int, log: Path) -> AsyncIterator[str]:
+    """``python -m gateway --host 127.0.0.1 --port PORT ARGS...`` as its own process, as
+    deployed; yields its base URL once ``/ready`` answers 200, and stops it (by its PID) after.
+    Its output goes to ``log``."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("wb") as out:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "gateway", "--host", "127.0.0.1", "--port", str(port), *args,
+            cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        async with httpx.AsyncClient() as client:
+            deadline = time.monotonic() + 60
+            while True:
+                assert process.returncode is None, _tail(log)
+                try:
+                    if (await client.get(f"{url}/ready")).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                assert time.monotonic() < deadline, "the gateway was not ready in 60 s"
+                await asyncio.sleep(0.2)
+        yield url
+    finally:
+        await stop_process(process)
+
+
+def _tail(log: Path) -> str:
+    return log.read_text(errors="replace")[-2000:]
+
+
+async def stop_process(process: asyncio.subprocess.Process) -> None:
+    """Stop a process we started, by its PID: SIGTERM, then SIGKILL after 20 s."""
+    if process.returncode is not None:
+        return
+    process.terminate()
+    try:
+        await asyncio.wait_for(process.wait(), 20)
+    except TimeoutError:
+        process.kill()
+        await process.wait()
 
 
 async def wait_until_ready(url: str, timeout_s: float = 10.0) -> None:

@@ -22,9 +22,9 @@ import pytest
 
 from gateway.settings import Settings
 from tests.integration.conftest import GatewayFactory
-from tests.integration.test_vllm_scheduling import GO, metric, table, vllm_running
-from tests.servers import running_gateway, server_timing_ms
-from tests.vllm_server import SHARED_CPU, VllmServer, model_dir
+from tests.integration.test_vllm_scheduling import GO, metric, vllm_running
+from tests.servers import gateway_process, running_gateway, server_timing_ms
+from tests.vllm_server import OUTPUT, SHARED_CPU, VllmServer, free_port, model_dir
 
 LONG_STREAM = {"model": "chat", "messages": GO, "max_tokens": 1000, "stream": True}
 SHORT = {"model": "chat", "messages": GO, "max_tokens": 8}
@@ -163,17 +163,19 @@ async def test_killed_upstream_mid_stream_failover_and_recovery(
 async def test_two_gateways_sharing_one_vllm_see_each_others_load(
     vllm: VllmServer, start_gateway: GatewayFactory
 ) -> None:
-    """Gateway A floods batch. Gateway B counts A's requests as the upstream's external load
+    """Gateway A (in the test's process) floods batch. Gateway B (``python -m gateway``, its own
+    process) counts A's requests as the upstream's external load
     (scraped from vLLM's metrics), so it holds its own batch back instead of filling the
     slots A's headroom leaves free, and its realtime requests still start at once.
 
     Without the external load B would send its batch at once (its own window looks empty),
     vLLM would be full, and B's realtime requests would wait in vLLM's queue behind batch.
     """
-    config = table(tasks={"batch": {"queue_deadline_s": 300, "deadline_s": 300}})
+    b_args = ["--upstreams", vllm.url, "--window", str(vllm.max_num_seqs)]
+    b_args += ["--health-interval", "0.5", "--access-log", "off", "--log-level", "warning"]
     async with (
-        start_gateway(vllm, config) as a_url,
-        start_gateway(vllm, config) as b_url,
+        start_gateway(vllm) as a_url,
+        gateway_process(b_args, free_port(), OUTPUT / "gateway-faults-b.log") as b_url,
         httpx.AsyncClient(base_url=a_url, timeout=300) as a,
         httpx.AsyncClient(base_url=b_url, timeout=300) as b,
     ):

@@ -19,7 +19,6 @@ import math
 import shutil
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -29,8 +28,9 @@ import httpx
 import pytest
 
 from gateway.metrics import LATENCY_BUCKETS
-from tests.servers import server_timing_ms
-from tests.vllm_server import OUTPUT, ROOT, VllmServer
+from tests.servers import gateway_process as run_gateway_process
+from tests.servers import server_timing_ms, stop_process
+from tests.vllm_server import OUTPUT, VllmServer
 
 SENTIMENT_TEXTS = ["I love this phone", "这家餐厅太难吃了", "meh", "best day ever", "awful"]
 SENTIMENT_REQUESTS = 30
@@ -114,51 +114,19 @@ async def prometheus_for(tmp_path: Path) -> AsyncIterator[Any]:
 
     yield start
     for process in started:
-        await stop(process)
-
-
-async def stop(process: asyncio.subprocess.Process) -> None:
-    """Stop a process we started, by its PID."""
-    if process.returncode is not None:
-        return
-    process.terminate()
-    try:
-        await asyncio.wait_for(process.wait(), 20)
-    except TimeoutError:
-        process.kill()
-        await process.wait()
+        await stop_process(process)
 
 
 @pytest.fixture
 async def gateway_process(vllm: VllmServer) -> AsyncIterator[str]:
     """``python -m gateway`` in front of the tiny vLLM, on 127.0.0.1; yields its base URL."""
-    port = free_port_in_range()
-    OUTPUT.mkdir(exist_ok=True)
+    args = [
+        "--upstreams", vllm.url, "--window", str(vllm.max_num_seqs), "--health-interval", "0.5",
+        "--access-log", "off", "--log-level", "warning",
+    ]  # fmt: skip
     log = OUTPUT / "gateway-prometheus-live.log"
-    with log.open("wb") as out:
-        process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "gateway",
-            "--host", "127.0.0.1", "--port", str(port), "--upstreams", vllm.url,
-            "--window", str(vllm.max_num_seqs), "--health-interval", "0.5",
-            "--access-log", "off", "--log-level", "warning",
-            cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
-        )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    try:
-        async with httpx.AsyncClient() as client:
-            deadline = time.monotonic() + 60
-            while True:
-                assert process.returncode is None, log.read_text(errors="replace")[-2000:]
-                try:
-                    if (await client.get(f"{url}/ready")).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                assert time.monotonic() < deadline, "the gateway was not ready in 60 s"
-                await asyncio.sleep(0.2)
+    async with run_gateway_process(args, free_port_in_range(), log) as url:
         yield url
-    finally:
-        await stop(process)
 
 
 async def until(condition: Any, what: str, timeout_s: float = 30.0) -> None:
