@@ -21,7 +21,7 @@ from gateway.config import Config, Task
 from gateway.errors import BadGateway, BadRequest
 from gateway.exchange import Exchange, record
 from gateway.protocol import ClientRequest
-from gateway.proxy import Budget, Step, call_json, dispatch, fit, serve, upstream_body
+from gateway.proxy import Budget, Step, call_json, dispatch, fit, serve
 from gateway.runtime import Runtime
 
 LABEL_FIELD = "sentiment"
@@ -75,8 +75,7 @@ async def _label(rt: Runtime, parent: Exchange, config: Config, task: Task, step
         label_step = await fit(rt, label_step, {})
         ticket = await dispatch(rt, label_ex, label_step)
         try:
-            body = upstream_body(rt, label_ex, label_step, ticket, task.max_tokens)
-            _, answer = await call_json(rt, label_ex, label_step, ticket, body)
+            _, answer = await call_json(rt, label_ex, label_step, ticket, task.max_tokens)
         finally:
             rt.dispatcher.release(ticket)
         label = _content(answer).strip()

@@ -163,7 +163,9 @@ def _dispatched(ex: Exchange, ticket: Ticket) -> None:
     ex.boosted = ticket.boosted
 
 
-def upstream_body(rt: Runtime, ex: Exchange, step: Step, ticket: Ticket, max_tokens: int) -> bytes:
+def _upstream_body(rt: Runtime, ex: Exchange, step: Step, ticket: Ticket, max_tokens: int) -> bytes:
+    """The body for the upstream the ticket is dispatched to: its model id and the aged
+    priority depend on where and when it goes, so a failover builds it again."""
     assert ticket.upstream is not None
     assert ex.priority is not None
     body = build_upstream_body(
@@ -178,12 +180,12 @@ def upstream_body(rt: Runtime, ex: Exchange, step: Step, ticket: Ticket, max_tok
 
 
 async def call_json(
-    rt: Runtime, ex: Exchange, step: Step, ticket: Ticket, body: bytes
+    rt: Runtime, ex: Exchange, step: Step, ticket: Ticket, max_tokens: int
 ) -> tuple[bytes, dict[str, Any]]:
     """A non-streaming call: the whole answer, raw and parsed, within the deadline."""
     try:
         async with asyncio.timeout_at(ticket.deadline):
-            raw, answer = await _with_failover(rt, ex, step, ticket, body, _json_attempt)
+            raw, answer = await _with_failover(rt, ex, step, ticket, max_tokens, _json_attempt)
     except TimeoutError:
         raise _upstream_deadline(rt, step.task) from None
     ex.first_byte_at = rt.dispatcher.now()
@@ -233,12 +235,12 @@ class OpenStream:
 
 
 async def open_stream(
-    rt: Runtime, ex: Exchange, step: Step, ticket: Ticket, body: bytes
+    rt: Runtime, ex: Exchange, step: Step, ticket: Ticket, max_tokens: int
 ) -> OpenStream:
     """Start a streaming call and wait for its first event, so errors can still be statuses."""
     try:
         async with asyncio.timeout_at(ticket.deadline):
-            stream = await _with_failover(rt, ex, step, ticket, body, _stream_attempt)
+            stream = await _with_failover(rt, ex, step, ticket, max_tokens, _stream_attempt)
     except TimeoutError:
         raise _upstream_deadline(rt, step.task) from None
     ex.first_byte_at = rt.dispatcher.now()
@@ -404,7 +406,7 @@ async def _with_failover(
     ex: Exchange,
     step: Step,
     ticket: Ticket,
-    body: bytes,
+    max_tokens: int,
     attempt: Callable[[Runtime, Exchange, str, bytes], Awaitable[T]],
 ) -> T:
     """Run ``attempt`` at the ticket's upstream, and at others while it fails retryably.
@@ -418,13 +420,13 @@ async def _with_failover(
         upstream = ticket.upstream
         assert upstream is not None
         try:
+            body = _upstream_body(rt, ex, step, ticket, max_tokens)
             result = await attempt(rt, ex, _url(rt, ticket, step), body)
         except _Fault as fault:
             rt.upstreams.failed(upstream, fault.error.message)
             last = not fault.retry or tries >= len(rt.upstreams.by_name)
             if last or not await _redispatch(rt, ex, ticket, fault.error):
                 raise fault.error from None
-            body = _redirected(rt, ex, ticket, body)
             continue
         except UpstreamRejected:
             rt.upstreams.succeeded(upstream)  # the upstream works; the request was bad
@@ -457,16 +459,6 @@ async def _redispatch(rt: Runtime, ex: Exchange, ticket: Ticket, error: GatewayE
     await rt.dispatcher.acquire(ticket)
     _dispatched(ex, ticket)
     return True
-
-
-def _redirected(rt: Runtime, ex: Exchange, ticket: Ticket, body: bytes) -> bytes:
-    """The same body for the upstream it was re-dispatched to: only the model id (per
-    upstream) and the aged priority (per dispatch) depend on where and when it goes."""
-    assert ticket.upstream is not None
-    payload = json.loads(body)
-    payload["model"] = rt.upstreams[ticket.upstream].model
-    payload["priority"] = ex.priority
-    return json.dumps(payload, ensure_ascii=False).encode()
 
 
 async def _post(
@@ -517,11 +509,10 @@ async def serve(
         headers["X-Degraded"] = f"max_tokens={max_tokens}"
     ticket = await dispatch(rt, ex, step)
     try:
-        body = upstream_body(rt, ex, step, ticket, max_tokens)
         if step.request.stream:
-            stream = await open_stream(rt, ex, step, ticket, body)
+            stream = await open_stream(rt, ex, step, ticket, max_tokens)
         else:
-            raw, answer = await call_json(rt, ex, step, ticket, body)
+            raw, answer = await call_json(rt, ex, step, ticket, max_tokens)
     except BaseException:
         rt.dispatcher.release(ticket)
         raise

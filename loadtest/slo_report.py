@@ -82,6 +82,11 @@ def class_stats(
     results: Iterable[Result], config: Config, streams: Mapping[str, bool], window_s: float
 ) -> dict[str, dict[str, Any]]:
     """Per priority class: counts, outcomes, percentiles, attainment, goodput, longest wait."""
+
+    def sla(r: Result) -> tuple[float, float, bool]:
+        task = config.tasks[r.task]
+        return task.sla_latency_s, task.sla_ttft_s, streams[r.task]
+
     by_class: dict[str, list[Result]] = {}
     for r in results:
         by_class.setdefault(config.tasks[r.task].priority_class, []).append(r)
@@ -92,26 +97,8 @@ def class_stats(
             continue
         tasks = sorted({r.task for r in rs})
         ok = [r for r in rs if r.outcome == "ok"]
-        good = [
-            r
-            for r in rs
-            if attained(
-                r,
-                config.tasks[r.task].sla_latency_s,
-                config.tasks[r.task].sla_ttft_s,
-                streams[r.task],
-            )
-        ]
-        open_ = [
-            r
-            for r in rs
-            if undecided(
-                r,
-                config.tasks[r.task].sla_latency_s,
-                config.tasks[r.task].sla_ttft_s,
-                streams[r.task],
-            )
-        ]
+        good = [r for r in rs if attained(r, *sla(r))]
+        open_ = [r for r in rs if undecided(r, *sla(r))]
         decided = len(rs) - len(open_)
         waits = [w for r in rs if (w := waited(r)) is not None]
         queue = [r.queue_s for r in rs if r.queue_s is not None]

@@ -31,7 +31,6 @@ import contextlib
 import json
 import os
 import random
-import socket
 import statistics
 import sys
 import time
@@ -50,6 +49,7 @@ if str(ROOT) not in sys.path:  # run as a script: make `loadtest.*` importable
 from loadtest.stack import (  # noqa: E402
     describe_machine,
     gateway_server,
+    port_is_free,
     source_state,
     vllm_server,
 )
@@ -267,14 +267,8 @@ def trend(samples: list[Sample], field: str) -> dict[str, float | None]:
 
 def free_port(taken: set[int]) -> int:
     for port in PORTS:
-        if port in taken:
-            continue
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-        return port
+        if port not in taken and port_is_free(port):
+            return port
     raise RuntimeError(f"no free port in {PORTS.start}-{PORTS.stop - 1}")
 
 

@@ -64,20 +64,28 @@ async def gateway_process(args: Sequence[str], port: int, log: Path) -> AsyncIte
         )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     try:
-        async with httpx.AsyncClient() as client:
-            deadline = time.monotonic() + 60
-            while True:
-                assert process.returncode is None, _tail(log)
-                try:
-                    if (await client.get(f"{url}/ready")).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                assert time.monotonic() < deadline, "the gateway was not ready in 60 s"
-                await asyncio.sleep(0.2)
+        await until_up(f"{url}/ready", process, log, timeout_s=60)
         yield url
     finally:
         await stop_process(process)
+
+
+async def until_up(
+    url: str, process: asyncio.subprocess.Process, log: Path, timeout_s: float
+) -> None:
+    """Poll ``url`` until it answers 200; fail with the tail of ``log`` if the process we
+    started exits first, or after ``timeout_s``."""
+    async with httpx.AsyncClient() as client:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            assert process.returncode is None, _tail(log)
+            try:
+                if (await client.get(url)).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, f"{url} did not answer 200 in {timeout_s} s"
+            await asyncio.sleep(0.2)
 
 
 def _tail(log: Path) -> str:

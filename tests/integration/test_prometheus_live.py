@@ -29,7 +29,7 @@ import pytest
 
 from gateway.metrics import LATENCY_BUCKETS
 from tests.servers import gateway_process as run_gateway_process
-from tests.servers import server_timing_ms, stop_process
+from tests.servers import server_timing_ms, stop_process, until_up
 from tests.vllm_server import OUTPUT, VllmServer
 
 SENTIMENT_TEXTS = ["I love this phone", "这家餐厅太难吃了", "meh", "best day ever", "awful"]
@@ -99,17 +99,7 @@ async def prometheus_for(tmp_path: Path) -> AsyncIterator[Any]:
             )
         started.append(process)
         url = f"http://127.0.0.1:{port}"
-        async with httpx.AsyncClient() as client:
-            deadline = time.monotonic() + 30
-            while True:
-                assert process.returncode is None, log.read_text(errors="replace")[-2000:]
-                try:
-                    if (await client.get(f"{url}/-/ready")).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                assert time.monotonic() < deadline, "Prometheus was not ready in 30 s"
-                await asyncio.sleep(0.2)
+        await until_up(f"{url}/-/ready", process, log, timeout_s=30)
         return Prometheus(url, process, log)
 
     yield start
