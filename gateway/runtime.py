@@ -114,7 +114,7 @@ def build_runtime(
     def on_load(name: str, load: VllmLoad | None) -> None:
         # Other clients' requests at the upstream (e.g. other gateways'); a stale or missing
         # reading counts as none, so it can never hold the window shut.
-        scheduler.windows[name].external = 0 if load is None else load.others
+        scheduler.windows[name].external = 0 if load is None else load.external
         if load is None:
             metrics.set_upstream_load(name, 0.0, 0.0, 0.0)
         else:

@@ -9,9 +9,21 @@ metrics. Each reading also notes how many requests were ours at that moment, so 
 :attr:`VllmLoad.others` is the load other clients put on the upstream: counting our own
 requests in a reading up to an interval old would hold the window shut after they finish.
 
+The window gets :attr:`VllmLoad.external`, the peak of ``others`` over the readings of the
+last ``HOLD_S`` seconds (and at least the previous reading): a slot another client frees
+counts as free only once it has stayed free that long. That client usually refills it at
+once (its next request was waiting for the slot), but vLLM's gauge shows the gap until the
+new request is scheduled, and a reading can take a second to come back from a busy vLLM.
+Measured here: a gateway trusting single readings sent its own batch into the gap between
+two rounds of another gateway's batch (vLLM's gauge said 0 of its 2), filling vLLM for a
+whole generation. With a peak of just two readings 0.5 s apart it still did once, while a
+probe polled vLLM's metrics 25 times a second: the gap then outlasted one interval.
+
 A failed scrape keeps the last reading; a reading older than ``STALE_INTERVALS`` intervals
-is dropped (reported as ``None``) so that a vLLM whose metrics cannot be read never holds
-the window shut on an old number.
+(and at least ``STALE_MIN_S``) is dropped (reported as ``None``) so that a vLLM whose metrics
+cannot be read never holds the window shut on an old number. A busy vLLM is slow to answer,
+not gone (its metrics page took over a second here, on two cores): dropping its load after
+one or two slow answers would make it look empty exactly when it is full.
 
 The parser reads just enough of Prometheus' text exposition format for this: comments,
 label sets (quoted values may hold ``}``, ``,``, spaces and escaped quotes), special values
@@ -23,8 +35,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+from collections import deque
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from gateway.upstream import UpstreamClient, UpstreamUnavailable
 from gateway.upstreams import Upstream
@@ -36,8 +49,11 @@ WAITING = "vllm:num_requests_waiting"
 KV_CACHE = "vllm:kv_cache_usage_perc"  # a ratio (1.0 = full) despite the name
 _WANTED = (RUNNING, WAITING, KV_CACHE)
 
-#: Readings older than this many intervals no longer count as the upstream's load.
+#: Readings older than this many intervals, and this many seconds, no longer count.
 STALE_INTERVALS = 3
+STALE_MIN_S = 10.0
+#: How long a slot another client freed must stay free before it counts as free.
+HOLD_S = 2.0
 
 
 class ScrapeFailed(Exception):
@@ -50,7 +66,8 @@ class VllmLoad:
 
     Counts are summed over vLLM's series (one per engine); the KV cache usage is the fullest
     engine's, as a sum of ratios means nothing. ``kv_cache_usage`` is None if not exported.
-    ``ours`` is how many of the upstream's requests this gateway had in flight when it read.
+    ``ours`` is how many of the upstream's requests this gateway had in flight when it read;
+    ``held`` is the peak of :attr:`others` in the recent readings before this one.
     """
 
     running: float
@@ -58,6 +75,7 @@ class VllmLoad:
     kv_cache_usage: float | None
     at: float
     ours: int = 0
+    held: int = 0
 
     @property
     def requests(self) -> int:
@@ -66,8 +84,14 @@ class VllmLoad:
 
     @property
     def others(self) -> int:
-        """Requests other clients (other gateways) hold there: the window's external load."""
+        """Requests other clients (other gateways) held there at this reading."""
         return max(self.requests - self.ours, 0)
+
+    @property
+    def external(self) -> int:
+        """What the window keeps free for other clients: the recent peak, so a slot another
+        client frees and refills between two readings is not taken."""
+        return max(self.others, self.held)
 
 
 def parse_line(line: str) -> tuple[str, float] | None:
@@ -157,11 +181,14 @@ class Scraper:
         self._client = client
         self._on_load = on_load
         self._interval_s = interval_s
-        self._timeout_s = min(5.0, max(1.0, 2 * interval_s))
+        self._timeout_s = min(5.0, max(2.0, 2 * interval_s))
+        self._stale_s = max(STALE_INTERVALS * interval_s, STALE_MIN_S)
         self._clock = clock
         self._ours = ours
         #: The last good reading per upstream (None: none yet, or gone stale).
         self.loads: dict[str, VllmLoad | None] = dict.fromkeys(self._urls)
+        #: (at, others) of the readings that :attr:`VllmLoad.held` is the peak of.
+        self._recent: dict[str, deque[tuple[float, int]]] = {name: deque() for name in self._urls}
         #: Why the last scrape of an upstream failed; absent when it succeeded.
         self.errors: dict[str, str] = {}
 
@@ -193,6 +220,11 @@ class Scraper:
             return
         if self.errors.pop(name, None) is not None:
             log.info("reading %s's metrics again", name)
+        recent = self._recent[name]
+        while len(recent) > 1 and load.at - recent[0][0] > HOLD_S:
+            recent.popleft()  # the previous reading always stays
+        load = replace(load, held=max((others for _, others in recent), default=0))
+        recent.append((load.at, load.others))
         self.loads[name] = load
         self._on_load(name, load)
 
@@ -201,6 +233,7 @@ class Scraper:
             log.warning("cannot read %s's metrics, keeping its last load: %s", name, why)
         self.errors[name] = why
         last = self.loads[name]
-        if last is not None and self._clock() - last.at > STALE_INTERVALS * self._interval_s:
+        if last is not None and self._clock() - last.at > self._stale_s:
             self.loads[name] = None
+            self._recent[name].clear()
             self._on_load(name, None)

@@ -139,6 +139,12 @@ def test_others_is_the_load_that_is_not_ours() -> None:
     assert read_load(VLLM_PAGE, at=0.0, ours=6).others == 3
 
 
+def test_external_is_the_peak_of_this_reading_and_the_recent_ones() -> None:
+    assert VllmLoad(0.0, 0.0, None, 0, held=2).external == 2  # a gap between two rounds
+    assert VllmLoad(3.0, 0.0, None, 0, held=1).external == 3
+    assert VllmLoad(3.0, 0.0, None, 0, ours=3, held=0).external == 0
+
+
 async def test_ours_is_the_larger_count_around_the_scrape(fake: FakeVllm) -> None:
     """vLLM set its gauge between our two counts: assume the larger one was in it."""
     counts = iter([1, 3, 2, 0])
@@ -162,14 +168,21 @@ class Clock:
         return self.now
 
 
+@pytest.mark.parametrize(
+    ("interval_s", "kept_s", "dropped_s"),
+    [
+        (5.0, 12.5, 17.5),  # stale after 3 intervals
+        (1.0, 9.5, 10.5),  # but never before 10 s: a busy vLLM answers slowly
+    ],
+)
 async def test_scraper_reads_the_fake_then_keeps_then_drops_a_stale_reading(
-    fake: FakeVllm,
+    fake: FakeVllm, interval_s: float, kept_s: float, dropped_s: float
 ) -> None:
     fake.behaviour.first_token_delay_s = 30
     clock, seen = Clock(), []
     upstream = Upstream(upstream_name(fake.url), fake.url)
     client = UpstreamClient()
-    scraper = Scraper([upstream], client, lambda n, load: seen.append((n, load)), 1.0, clock)
+    scraper = Scraper([upstream], client, lambda n, load: seen.append((n, load)), interval_s, clock)
     async with httpx.AsyncClient(base_url=fake.url, timeout=30) as direct:
         calls = [
             asyncio.create_task(
@@ -188,18 +201,59 @@ async def test_scraper_reads_the_fake_then_keeps_then_drops_a_stale_reading(
     assert scraper.errors == {}
 
     await fake.stop()  # from now on every scrape fails
-    clock.now += 2.5
+    clock.now += kept_s
     await scraper.scrape_all()
     assert len(seen) == 1, "a failed scrape keeps the last reading"
     assert scraper.loads[upstream.name] == VllmLoad(2.0, 0.0, 0.1, 100.0)
     assert "unreachable" in scraper.errors[upstream.name]
 
-    clock.now += 1.0  # now 3.5 intervals old
+    clock.now += dropped_s - kept_s
     await scraper.scrape_all()
     assert seen[-1] == (upstream.name, None)
     assert scraper.loads[upstream.name] is None
     await scraper.scrape_all()
     assert len(seen) == 2, "a stale reading is dropped once"
+    await client.close()
+
+
+@pytest.mark.parametrize(
+    ("interval_s", "externals"),
+    [
+        (1.0, [2, 2, 2, 0]),  # free for HOLD_S (2 s) at 1 s intervals: the 4th reading
+        (5.0, [2, 2, 0, 0]),  # longer intervals: free in two readings in a row
+    ],
+)
+async def test_a_freed_slot_counts_as_free_once_it_stayed_free(
+    fake: FakeVllm, interval_s: float, externals: list[int]
+) -> None:
+    fake.behaviour.first_token_delay_s = 30
+    seen: list[VllmLoad | None] = []
+    clock = Clock()
+    upstream = Upstream(upstream_name(fake.url), fake.url)
+    client = UpstreamClient()
+    scraper = Scraper([upstream], client, lambda n, load: seen.append(load), interval_s, clock)
+    async with httpx.AsyncClient(base_url=fake.url, timeout=30) as other_gateway:
+        calls = [
+            asyncio.create_task(
+                other_gateway.post("/v1/chat/completions", json={"model": "x", "messages": USER})
+            )
+            for _ in range(2)
+        ]
+        async with asyncio.timeout(5):
+            while fake.running < 2:
+                await asyncio.sleep(0.01)
+        await scraper.scrape_all()
+        for call in calls:
+            call.cancel()
+        await asyncio.gather(*calls, return_exceptions=True)
+    async with asyncio.timeout(5):
+        while fake.running:
+            await asyncio.sleep(0.01)
+    for _ in range(3):  # freed, but it could be a gap before the other client's next request
+        clock.now += interval_s
+        await scraper.scrape_all()
+    assert [load.others for load in seen if load is not None] == [2, 0, 0, 0]
+    assert [load.external for load in seen if load is not None] == externals
     await client.close()
 
 
