@@ -9,15 +9,13 @@ metrics. Each reading also notes how many requests were ours at that moment, so 
 :attr:`VllmLoad.others` is the load other clients put on the upstream: counting our own
 requests in a reading up to an interval old would hold the window shut after they finish.
 
-The window gets :attr:`VllmLoad.external`, the peak of ``others`` over the readings of the
-last ``HOLD_S`` seconds (and at least the previous reading): a slot another client frees
-counts as free only once it has stayed free that long. That client usually refills it at
-once (its next request was waiting for the slot), but vLLM's gauge shows the gap until the
-new request is scheduled, and a reading can take a second to come back from a busy vLLM.
-Measured here: a gateway trusting single readings sent its own batch into the gap between
-two rounds of another gateway's batch (vLLM's gauge said 0 of its 2), filling vLLM for a
-whole generation. With a peak of just two readings 0.5 s apart it still did once, while a
-probe polled vLLM's metrics 25 times a second: the gap then outlasted one interval.
+The window gets :attr:`VllmLoad.external`, the peak of ``others`` over the last ``HOLD_S``
+seconds, each reading counting until the next one (so a slow or failed scrape does not
+shorten the span): a slot another client frees counts as free once it has stayed free that
+long. That client usually refills it at once (its next request was waiting for the slot),
+but vLLM's gauge shows the gap until the new request is scheduled. Seen here: a gateway
+trusting single readings sent its own batch into the gap between two rounds of another
+gateway's batch (vLLM's gauge said 0 of its 2), filling vLLM for a whole generation.
 
 A failed scrape keeps the last reading; a reading older than ``STALE_INTERVALS`` intervals
 (and at least ``STALE_MIN_S``) is dropped (reported as ``None``) so that a vLLM whose metrics
@@ -221,8 +219,8 @@ class Scraper:
         if self.errors.pop(name, None) is not None:
             log.info("reading %s's metrics again", name)
         recent = self._recent[name]
-        while len(recent) > 1 and load.at - recent[0][0] > HOLD_S:
-            recent.popleft()  # the previous reading always stays
+        while len(recent) > 1 and load.at - recent[1][0] >= HOLD_S:
+            recent.popleft()  # the reading in effect when the span began stays
         load = replace(load, held=max((others for _, others in recent), default=0))
         recent.append((load.at, load.others))
         self.loads[name] = load

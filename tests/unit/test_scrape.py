@@ -217,21 +217,22 @@ async def test_scraper_reads_the_fake_then_keeps_then_drops_a_stale_reading(
 
 
 @pytest.mark.parametrize(
-    ("interval_s", "externals"),
+    ("steps_s", "externals"),
     [
-        (1.0, [2, 2, 2, 0]),  # free for HOLD_S (2 s) at 1 s intervals: the 4th reading
-        (5.0, [2, 2, 0, 0]),  # longer intervals: free in two readings in a row
+        ([1, 1, 1], [2, 2, 2, 0]),  # free for HOLD_S (2 s) at 1 s intervals: the 4th reading
+        ([5, 5, 5], [2, 2, 0, 0]),  # longer intervals: free in two readings in a row
+        ([2.5, 0.5, 1, 0.6], [2, 2, 2, 2, 0]),  # a slow scrape first: 2 s from the first 0
     ],
 )
 async def test_a_freed_slot_counts_as_free_once_it_stayed_free(
-    fake: FakeVllm, interval_s: float, externals: list[int]
+    fake: FakeVllm, steps_s: list[float], externals: list[int]
 ) -> None:
     fake.behaviour.first_token_delay_s = 30
     seen: list[VllmLoad | None] = []
     clock = Clock()
     upstream = Upstream(upstream_name(fake.url), fake.url)
     client = UpstreamClient()
-    scraper = Scraper([upstream], client, lambda n, load: seen.append(load), interval_s, clock)
+    scraper = Scraper([upstream], client, lambda n, load: seen.append(load), 1.0, clock)
     async with httpx.AsyncClient(base_url=fake.url, timeout=30) as other_gateway:
         calls = [
             asyncio.create_task(
@@ -249,10 +250,10 @@ async def test_a_freed_slot_counts_as_free_once_it_stayed_free(
     async with asyncio.timeout(5):
         while fake.running:
             await asyncio.sleep(0.01)
-    for _ in range(3):  # freed, but it could be a gap before the other client's next request
-        clock.now += interval_s
+    for step in steps_s:  # freed, but it could be a gap before the other client's next request
+        clock.now += step
         await scraper.scrape_all()
-    assert [load.others for load in seen if load is not None] == [2, 0, 0, 0]
+    assert [load.others for load in seen if load is not None] == [2] + [0] * len(steps_s)
     assert [load.external for load in seen if load is not None] == externals
     await client.close()
 
