@@ -18,8 +18,7 @@ import uvicorn
 from gateway.app import create_app
 from gateway.config import Config
 from gateway.settings import Settings
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.vllm_server import ROOT
 
 
 @asynccontextmanager

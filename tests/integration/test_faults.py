@@ -163,10 +163,10 @@ async def test_killed_upstream_mid_stream_failover_and_recovery(
 async def test_two_gateways_sharing_one_vllm_see_each_others_load(
     vllm: VllmServer, start_gateway: GatewayFactory
 ) -> None:
-    """Gateway A (in the test's process) fills batch's share of vLLM. Gateway B (``python -m gateway``, its own
-    process) counts A's requests as the upstream's external load
-    (scraped from vLLM's metrics), so it holds its own batch back instead of filling the
-    slots A's headroom leaves free, and its realtime requests still start at once.
+    """Gateway A (in the test's process) fills batch's share of vLLM. Gateway B (``python -m
+    gateway``, its own process) counts A's requests as the upstream's external load (scraped
+    from vLLM's metrics), so it holds its own batch back instead of filling the slots A's
+    headroom leaves free, and its realtime requests still start at once.
 
     Without the external load B would send its batch at once (its own window looks empty),
     vLLM would be full, and B's realtime requests would wait in vLLM's queue behind batch.

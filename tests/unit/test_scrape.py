@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import math
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 import httpx
 import pytest
@@ -160,6 +162,27 @@ async def test_ours_is_the_larger_count_around_the_scrape(fake: FakeVllm) -> Non
     await client.close()
 
 
+@asynccontextmanager
+async def another_client_holds(fake: FakeVllm, n: int) -> AsyncIterator[None]:
+    """While the block runs, another client (another gateway, say) holds ``n`` requests at
+    the fake, sent straight to it; they end (cancelled) with the block."""
+    fake.behaviour.first_token_delay_s = 30
+    body = {"model": "x", "messages": USER}
+    async with httpx.AsyncClient(base_url=fake.url, timeout=30) as other:
+        calls = [
+            asyncio.create_task(other.post("/v1/chat/completions", json=body)) for _ in range(n)
+        ]
+        try:
+            async with asyncio.timeout(5):
+                while fake.running < n:
+                    await asyncio.sleep(0.01)
+            yield
+        finally:
+            for call in calls:
+                call.cancel()
+            await asyncio.gather(*calls, return_exceptions=True)
+
+
 class Clock:
     def __init__(self) -> None:
         self.now = 100.0
@@ -178,25 +201,12 @@ class Clock:
 async def test_scraper_reads_the_fake_then_keeps_then_drops_a_stale_reading(
     fake: FakeVllm, interval_s: float, kept_s: float, dropped_s: float
 ) -> None:
-    fake.behaviour.first_token_delay_s = 30
     clock, seen = Clock(), []
     upstream = Upstream(upstream_name(fake.url), fake.url)
     client = UpstreamClient()
     scraper = Scraper([upstream], client, lambda n, load: seen.append((n, load)), interval_s, clock)
-    async with httpx.AsyncClient(base_url=fake.url, timeout=30) as direct:
-        calls = [
-            asyncio.create_task(
-                direct.post("/v1/chat/completions", json={"model": "x", "messages": USER})
-            )
-            for _ in range(2)
-        ]
-        async with asyncio.timeout(5):
-            while fake.running < 2:
-                await asyncio.sleep(0.01)
+    async with another_client_holds(fake, 2):
         await scraper.scrape_all()
-        for call in calls:
-            call.cancel()
-        await asyncio.gather(*calls, return_exceptions=True)
     assert seen == [(upstream.name, VllmLoad(2.0, 0.0, 0.1, 100.0))]
     assert scraper.errors == {}
 
@@ -227,26 +237,13 @@ async def test_scraper_reads_the_fake_then_keeps_then_drops_a_stale_reading(
 async def test_a_freed_slot_counts_as_free_once_it_stayed_free(
     fake: FakeVllm, steps_s: list[float], externals: list[int]
 ) -> None:
-    fake.behaviour.first_token_delay_s = 30
     seen: list[VllmLoad | None] = []
     clock = Clock()
     upstream = Upstream(upstream_name(fake.url), fake.url)
     client = UpstreamClient()
     scraper = Scraper([upstream], client, lambda n, load: seen.append(load), 1.0, clock)
-    async with httpx.AsyncClient(base_url=fake.url, timeout=30) as other_gateway:
-        calls = [
-            asyncio.create_task(
-                other_gateway.post("/v1/chat/completions", json={"model": "x", "messages": USER})
-            )
-            for _ in range(2)
-        ]
-        async with asyncio.timeout(5):
-            while fake.running < 2:
-                await asyncio.sleep(0.01)
+    async with another_client_holds(fake, 2):
         await scraper.scrape_all()
-        for call in calls:
-            call.cancel()
-        await asyncio.gather(*calls, return_exceptions=True)
     async with asyncio.timeout(5):
         while fake.running:
             await asyncio.sleep(0.01)
@@ -291,37 +288,28 @@ async def test_the_gateway_waits_while_another_client_fills_the_upstream(
     start_gateway: GatewayFactory, fake: FakeVllm
 ) -> None:
     """Two gateways share one vLLM: requests another one sent count against our window."""
-    fake.behaviour.first_token_delay_s = 30
     name = upstream_name(fake.url)
     async with (
         start_gateway(window=2, health_interval_s=0.05) as url,
         httpx.AsyncClient(base_url=url, timeout=30) as c,
-        httpx.AsyncClient(base_url=fake.url, timeout=30) as other_gateway,
     ):
         assert await metric(c, f'gateway_window_size{{upstream="{name}"}}') == 2.0
-        others = [
-            asyncio.create_task(
-                other_gateway.post("/v1/chat/completions", json={"model": "x", "messages": USER})
+        async with another_client_holds(fake, 2):
+            async with asyncio.timeout(5):
+                while await metric(c, f'gateway_upstream_running{{upstream="{name}"}}') < 2:
+                    await asyncio.sleep(0.02)
+            assert await metric(c, f'gateway_upstream_waiting{{upstream="{name}"}}') == 0.0
+            ratio = await metric(c, f'gateway_upstream_kv_cache_usage_ratio{{upstream="{name}"}}')
+            assert ratio == 0.1
+
+            fake.behaviour.first_token_delay_s = 0.0
+            ours = asyncio.create_task(
+                c.post("/v1/chat/completions", json={"model": "chat", "messages": USER})
             )
-            for _ in range(2)
-        ]
-        async with asyncio.timeout(5):
-            while await metric(c, f'gateway_upstream_running{{upstream="{name}"}}') < 2:
-                await asyncio.sleep(0.02)
-        assert await metric(c, f'gateway_upstream_waiting{{upstream="{name}"}}') == 0.0
-        assert await metric(c, f'gateway_upstream_kv_cache_usage_ratio{{upstream="{name}"}}') == 0.1
-
-        fake.behaviour.first_token_delay_s = 0.0
-        ours = asyncio.create_task(
-            c.post("/v1/chat/completions", json={"model": "chat", "messages": USER})
-        )
-        await asyncio.sleep(0.5)  # ten scrape intervals: it stays queued while vLLM is full
-        assert not ours.done()
-        assert await metric(c, 'gateway_queue_depth{priority_class="interactive"}') == 1.0
-        assert len(fake.seen) == 2
-
-        for call in others:
-            call.cancel()  # the other gateway's requests end; the next scrape frees the window
-        await asyncio.gather(*others, return_exceptions=True)
+            await asyncio.sleep(0.5)  # ten scrape intervals: it stays queued while vLLM is full
+            assert not ours.done()
+            assert await metric(c, 'gateway_queue_depth{priority_class="interactive"}') == 1.0
+            assert len(fake.seen) == 2
+        # The other gateway's requests ended with the block; the next scrape frees the window.
         r = await asyncio.wait_for(ours, 5)
         assert r.status_code == 200
