@@ -9,18 +9,20 @@ from __future__ import annotations
 import contextlib
 import gc
 import logging
+import logging.handlers
 import math
 import signal
 import socket
 import sys
 from collections.abc import Iterator, Sequence
+from queue import SimpleQueue
 
 import uvicorn
 
 from gateway.app import create_app
 from gateway.auth import load_keyring
 from gateway.config import ConfigError
-from gateway.settings import parse_settings
+from gateway.settings import Settings, parse_settings
 from gateway.shutdown import Drain
 
 #: uvicorn's own deadline for open connections, this long after the drain's: by then the
@@ -28,19 +30,39 @@ from gateway.shutdown import Drain
 BACKSTOP_S = 2
 
 
-def configure_logging(level: str) -> None:
+class _HandOff(logging.handlers.QueueHandler):
+    """Puts records on the queue as they are: no formatting on the event loop."""
+
+    def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
+        return record
+
+
+@contextlib.contextmanager
+def configure_logging(level: str) -> Iterator[None]:
+    """Logging for the process; access lines are written by a thread of their own."""
     logging.basicConfig(
         level=level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    # Access lines are JSON objects, one per line, on stdout: easy to ship and to grep.
+    # Access lines are JSON objects, one per line, on stdout: easy to ship and to grep. They
+    # are written off the event loop (a write to a slow pipe or terminal would stall every
+    # request): the loop only enqueues the record, a listener thread formats and writes it.
     access = logging.getLogger("gateway.access")
     access.propagate = False
+    access.setLevel(logging.INFO)
     handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(logging.Formatter("%(message)s"))
-    access.addHandler(handler)
-    access.setLevel(logging.INFO)
+    queue: SimpleQueue[logging.LogRecord] = SimpleQueue()
+    listener = logging.handlers.QueueListener(queue, handler)
+    hand_off = _HandOff(queue)
+    access.addHandler(hand_off)
+    listener.start()
+    try:
+        yield
+    finally:
+        listener.stop()  # writes what is still queued
+        access.removeHandler(hand_off)
 
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -103,7 +125,11 @@ class GatewayServer(uvicorn.Server):
 
 def main(argv: Sequence[str] | None = None) -> int:
     settings = parse_settings(argv)
-    configure_logging(settings.log_level)
+    with configure_logging(settings.log_level):
+        return _serve(settings)
+
+
+def _serve(settings: Settings) -> int:
     log = logging.getLogger("gateway")
     drain = Drain(settings.shutdown_grace_s)
     try:

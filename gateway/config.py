@@ -253,6 +253,15 @@ def _pipeline(raw: Any, path: str) -> Pipeline | None:
     prompt = _require(raw, "reply_prompt", str, path)
     if "{label}" not in prompt:
         raise ConfigError(f"{path}.reply_prompt must contain {{label}}")
+    try:
+        # Any other {field} (or a stray brace) would fail on every request; write a literal
+        # brace as {{ or }}.
+        prompt.format(label="")
+    except (KeyError, IndexError, ValueError) as exc:
+        raise ConfigError(
+            f"{path}.reply_prompt may use only {{label}} ({exc!r}); "
+            "write literal braces as {{ and }}"
+        ) from None
     return Pipeline(
         label_task=_require(raw, "label_task", str, path),
         reply_task=_require(raw, "reply_task", str, path),

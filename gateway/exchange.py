@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass
 
+from gateway.errors import GatewayError
 from gateway.metrics import SERVED_OUTCOMES, UNKNOWN_TASK, Metrics
 
 access_logger = logging.getLogger("gateway.access")
@@ -39,7 +39,7 @@ class Exchange:
     degraded: bool = False
     boosted: bool = False
     label: str | None = None
-    on_done: Callable[[Exchange], None] | None = None  # e.g. the tenant's limits
+    deadline_hit: bool = False  # the deadline closed the upstream call
 
     @property
     def queue_s(self) -> float | None:
@@ -76,11 +76,24 @@ class Exchange:
     def fail(self, status: int, outcome: str, code: str | None) -> None:
         self.status, self.outcome, self.error_code = status, outcome, code
 
+    def add_usage(self, prompt: int | None, completion: int | None) -> None:
+        """Add a step's token counts (a two-step task has two)."""
+        if prompt is not None:
+            self.prompt_tokens = (self.prompt_tokens or 0) + prompt
+        if completion is not None:
+            self.completion_tokens = (self.completion_tokens or 0) + completion
+
+
+def outcome_for(error: GatewayError) -> str:
+    return outcome_for_status(error.status, error.code)
+
 
 def outcome_for_status(status: int, code: str | None) -> str:
     """The bounded ``outcome`` label for an error answer."""
     if code == "shed":
         return "shed"
+    if code == "shutting_down":
+        return "shutdown"
     if status == 429:
         return "rejected"
     if status == 504:
@@ -93,8 +106,6 @@ def outcome_for_status(status: int, code: str | None) -> str:
 def record(exchange: Exchange, metrics: Metrics, now: float, *, log: bool) -> None:
     """The request is over: observe its metrics and write its access-log line."""
     exchange.finished_at = now
-    if exchange.on_done is not None:
-        exchange.on_done(exchange)
     task, pclass = exchange.task, exchange.priority_class
     metrics.requests.labels(task, pclass, exchange.outcome).inc()
     if task != UNKNOWN_TASK and pclass != "none":
@@ -108,7 +119,20 @@ def record(exchange: Exchange, metrics: Metrics, now: float, *, log: bool) -> No
         if metrics.on_request is not None:
             metrics.on_request(task, exchange.outcome, now, duration, ttft, exchange.error_code)
     if log and access_logger.isEnabledFor(logging.INFO):
-        access_logger.info(json.dumps(_log_fields(exchange, now), ensure_ascii=False))
+        access_logger.info("%s", _JsonLine(_log_fields(exchange, now)))
+
+
+class _JsonLine:
+    """An access-log line encoded only when a handler formats it: with the process's
+    queue handler (see ``gateway.__main__``), in the writer thread, off the event loop."""
+
+    __slots__ = ("fields",)
+
+    def __init__(self, fields: dict[str, object]) -> None:
+        self.fields = fields
+
+    def __str__(self) -> str:
+        return json.dumps(self.fields, ensure_ascii=False)
 
 
 def _log_fields(e: Exchange, now: float) -> dict[str, object]:

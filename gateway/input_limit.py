@@ -17,11 +17,10 @@ from typing import Any
 
 from gateway.config import Task
 from gateway.errors import BadGateway, BadRequest
+from gateway.outbound import UpstreamClient
 from gateway.protocol import ClientRequest
-from gateway.upstream import UpstreamClient
 
 MARKER = "\n[…]\n"
-TIMEOUT_S = 10.0
 MIN_KEPT_TOKENS = 16  # below this a "truncated" input is not worth sending
 
 
@@ -87,7 +86,7 @@ def _last_user(req: ClientRequest) -> int:
 
 async def _tokens(client: UpstreamClient, base_url: str, text: str) -> list[int]:
     answer: dict[str, Any] = await client.post_json(
-        f"{base_url}/tokenize", {"prompt": text, "add_special_tokens": False}, TIMEOUT_S
+        f"{base_url}/tokenize", {"prompt": text, "add_special_tokens": False}
     )
     tokens = answer.get("tokens")
     if not isinstance(tokens, list):
@@ -96,5 +95,5 @@ async def _tokens(client: UpstreamClient, base_url: str, text: str) -> list[int]
 
 
 async def _text(client: UpstreamClient, base_url: str, tokens: list[int]) -> str:
-    answer = await client.post_json(f"{base_url}/detokenize", {"tokens": tokens}, TIMEOUT_S)
+    answer = await client.post_json(f"{base_url}/detokenize", {"tokens": tokens})
     return str(answer.get("prompt", ""))

@@ -22,6 +22,7 @@ LATENCY_BUCKETS = (
 #: How a request ended (the ``outcome`` label).
 OUTCOMES = (
     "ok", "client_error", "rejected", "shed", "deadline", "upstream_error", "cancelled",
+    "shutdown", "internal_error",
 )  # fmt: skip
 
 #: Outcomes whose latency is observed. Fast refusals (rejected, shed, client_error) and

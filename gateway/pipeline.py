@@ -1,99 +1,77 @@
 """Two-step tasks such as ``assist``: label the input first, then reply knowing the label.
 
-The label step runs at the label task's class (``sentiment``: realtime), so it is quick even
-under load; the reply step runs at the pipeline task's class with the label written into its
-system prompt. The label reaches the client twice: as the response field ``sentiment`` (in the
-first chunk of a stream) and as the ``X-Sentiment`` header (percent-encoded UTF-8, so labels
-such as 正面 survive HTTP's Latin-1 headers).
+Both steps are ordinary calls of the serving path for the same request: same lifecycle (one
+tenant slot held across both, one record), same tenant (fairness), and each at a class the
+caller's key allows. The label step runs at the label task's class (``sentiment``:
+realtime) lowered to the caller's ceiling and ``X-Priority``, so it is quick under load for
+callers allowed that; the reply step runs at the pipeline task's class with the label written
+into its system prompt. The label reaches the client twice: as the response field
+``sentiment`` (in the first chunk of a stream) and as the ``X-Sentiment`` header
+(percent-encoded UTF-8, so labels such as 正面 survive HTTP's Latin-1 headers).
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import replace
 from typing import Any
 from urllib.parse import quote
 
-from starlette.responses import Response
-
 from gateway import sse
+from gateway.classes import ClassPolicy
 from gateway.config import Config, Task
 from gateway.errors import BadGateway, BadRequest
-from gateway.exchange import Exchange, record
+from gateway.lifecycle import Lifecycle
 from gateway.protocol import ClientRequest
-from gateway.proxy import Budget, Step, call_json, dispatch, fit, serve
-from gateway.runtime import Runtime
+from gateway.serving import Serving
+from gateway.steps import Answer, Budget, Step, Stream
 
 LABEL_FIELD = "sentiment"
 
 
 async def assist(
-    rt: Runtime, ex: Exchange, config: Config, step: Step, headers: dict[str, str]
-) -> Response:
+    serving: Serving, life: Lifecycle, config: Config, step: Step, label_policy: ClassPolicy
+) -> Answer | Stream:
+    """Run the pipeline task ``step.task`` for the request; ``label_policy`` is the class its
+    label step may use (the label task's, within the caller's limits)."""
     pipe = step.task.pipeline
     assert pipe is not None
-    label_task = config.tasks[pipe.label_task]
-    label = await _label(rt, ex, config, label_task, step)
-    ex.label = label
-    headers["X-Sentiment"] = quote(label, safe="")
-    reply = Step(
+    label = await _label(serving, life, config.tasks[pipe.label_task], step, label_policy)
+    life.exchange.label = label
+    life.release_ticket()  # the label step's slot; the reply queues anew
+    reply = replace(
+        step,
         task=_reply_task(config.tasks[pipe.reply_task], step.task),
-        policy=step.policy,
-        request=step.request,
-        budget=step.budget,  # one budget, from the original arrival, covers both steps
         extra_system=pipe.reply_prompt.format(label=label),
-        queued_at=rt.dispatcher.now(),  # its queue wait starts now, not at arrival
+        queued_at=serving.now(),  # its queue wait starts now, not at arrival
     )
-    return await serve(
-        rt,
-        ex,
-        reply,
-        headers,
-        transform_json=lambda answer: _with_label(answer, label),
-        transform_first_event=lambda event: _event_with_label(event, label),
+    result = await serving.run(
+        life, reply, first_event=lambda event: _event_with_label(event, label)
     )
+    result.headers["X-Sentiment"] = quote(label, safe="")
+    if isinstance(result, Answer):
+        result.body[LABEL_FIELD] = label
+    return result
 
 
-async def _label(rt: Runtime, parent: Exchange, config: Config, task: Task, step: Step) -> str:
+async def _label(
+    serving: Serving, life: Lifecycle, task: Task, step: Step, policy: ClassPolicy
+) -> str:
     text = _last_user_text(step.request)
-    label_ex = Exchange(
-        request_id=parent.request_id,
-        arrival=rt.dispatcher.now(),
-        task=task.name,
-        priority_class=task.priority_class,
-    )
     label_step = Step(
         task=task,
-        policy=config.classes[task.priority_class],
+        policy=policy,
         request=ClientRequest("chat", task.name, messages=[{"role": "user", "content": text}]),
-        budget=Budget(
-            min(task.queue_deadline_s, step.budget.queue_s),
-            min(task.deadline_s, step.budget.total_s),
-        ),
+        budget=Budget(task.queue_deadline_s, task.deadline_s).within(step.budget),
+        tenant=step.tenant,
     )
-    try:
-        label_step = await fit(rt, label_step, {})
-        ticket = await dispatch(rt, label_ex, label_step)
-        try:
-            _, answer = await call_json(rt, label_ex, label_step, ticket, task.max_tokens)
-        finally:
-            rt.dispatcher.release(ticket)
-        label = _content(answer).strip()
-        if task.labels is not None and label not in task.labels:
-            raise BadGateway(
-                f"the label step answered {label!r}, not one of its labels", code="bad_label"
-            )
-        return label
-    except Exception as exc:
-        status = getattr(exc, "status", 500)
-        label_ex.fail(
-            status,
-            "upstream_error" if status >= 500 else "client_error",
-            getattr(exc, "code", None),
+    result = await serving.run(life, label_step)
+    assert isinstance(result, Answer)  # the label step does not stream
+    label = _answer_text(result.body).strip()
+    if task.labels is not None and label not in task.labels:
+        raise BadGateway(
+            f"the label step answered {label!r}, not one of its labels", code="bad_label"
         )
-        raise
-    finally:
-        record(label_ex, rt.metrics, rt.dispatcher.now(), log=rt.settings.access_log)
+    return label
 
 
 def _reply_task(reply: Task, pipeline_task: Task) -> Task:
@@ -110,7 +88,7 @@ def _last_user_text(req: ClientRequest) -> str:
     raise BadRequest("assist needs a user message to label", param="messages", code="invalid_value")
 
 
-def _content(answer: dict[str, Any]) -> str:
+def _answer_text(answer: dict[str, Any]) -> str:
     try:
         content = answer["choices"][0]["message"]["content"]
     except (KeyError, IndexError, TypeError):
@@ -118,11 +96,6 @@ def _content(answer: dict[str, Any]) -> str:
             "the label step's answer has no content", code="bad_upstream_response"
         ) from None
     return content if isinstance(content, str) else ""
-
-
-def _with_label(answer: dict[str, Any], label: str) -> bytes:
-    answer[LABEL_FIELD] = label
-    return json.dumps(answer, ensure_ascii=False).encode()
 
 
 def _event_with_label(event: bytes, label: str) -> bytes:

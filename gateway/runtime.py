@@ -1,8 +1,10 @@
-"""The long-lived parts of one gateway, built in the app's lifespan and passed down.
+"""The long-lived parts of one gateway, built in the app's lifespan.
 
-Nothing here is global: tests build as many runtimes as they need. The task table is the one
-part that changes while running (SIGHUP); handlers read ``runtime.config`` once per request,
-so a request keeps the table it started with while new ones see the new table.
+The runtime is the composition root, not a service locator: the app hands each part only
+the other parts it uses. Nothing here is global: tests build as many runtimes as they need.
+The task table and the keys are the parts that change while running (SIGHUP); they live in
+:class:`Tables`, which handlers read once per request, so a request keeps the table it
+started with while new ones see the new table.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
@@ -20,44 +22,42 @@ from gateway.auth import KeyRing, load_keyring
 from gateway.config import Config, ConfigError, load_config
 from gateway.dispatch import Dispatcher
 from gateway.metrics import Metrics
+from gateway.outbound import Limits, Timeouts, UpstreamClient
+from gateway.recent import Recent
 from gateway.scheduler import Scheduler, Window
 from gateway.scrape import Scraper, VllmLoad
+from gateway.serving import Serving
 from gateway.settings import Settings
-from gateway.status import Recent
-from gateway.upstream import Limits, Timeouts, UpstreamClient
+from gateway.status import Status
 from gateway.upstreams import Upstream, Upstreams, upstream_name
 
 log = logging.getLogger("gateway")
 
 
-class Ewma:
-    """Exponentially weighted averages by key, e.g. each task's time to first token."""
+@dataclass
+class Tables:
+    """The task table and the API keys: swapped whole by a reload."""
 
-    def __init__(self, alpha: float = 0.2) -> None:
-        self._alpha = alpha
-        self._values: dict[str, float] = {}
-
-    def observe(self, key: str, value: float) -> None:
-        old = self._values.get(key)
-        self._values[key] = value if old is None else old + self._alpha * (value - old)
-
-    def get(self, key: str, default: float = 0.0) -> float:
-        return self._values.get(key, default)
+    config: Config
+    keys: KeyRing
 
 
 @dataclass
 class Runtime:
     settings: Settings
-    config: Config
+    tables: Tables
     metrics: Metrics
     scheduler: Scheduler
     dispatcher: Dispatcher
     client: UpstreamClient
     upstreams: Upstreams
     scraper: Scraper
-    recent: Recent
-    keys: KeyRing
-    ttft: Ewma = field(default_factory=Ewma)
+    serving: Serving
+    status: Status
+
+    @property
+    def config(self) -> Config:
+        return self.tables.config
 
     def reload(self, path: Path | None) -> bool:
         """Swap in a new task table and keys; keep the old ones (and say why) if one is invalid.
@@ -71,7 +71,7 @@ class Runtime:
             log.error("task table reload refused, keeping the old one: %s", exc)
             self.metrics.reloads.labels("refused").inc()
             return False
-        self.config, self.keys = config, keys
+        self.tables.config, self.tables.keys = config, keys
         self.scheduler.reconfigure(config.classes, config.max_queued)
         self.metrics.preinitialise(
             ((t.name, t.priority_class) for t in config.tasks.values()),
@@ -131,6 +131,16 @@ def build_runtime(
     )
     recent = Recent()
     metrics.on_request = recent.add
+    tables = Tables(config, keys)
+    status = Status(
+        lambda: tables.config,
+        scheduler,
+        upstreams,
+        scraper,
+        recent,
+        metrics.rejections,
+        dispatcher.now,
+    )
     for pclass in config.classes.names():
         metrics.watch_queue(pclass, partial(scheduler.depth, pclass))
         metrics.watch_capacity(pclass, partial(_class_capacity, scheduler, pclass))
@@ -138,8 +148,18 @@ def build_runtime(
         metrics.watch_inflight(window.name, partial(getattr, window, "inflight"))
         metrics.watch_window(window.name, partial(getattr, window, "size"))
         metrics.watch_breaker(window.name, partial(upstreams.breaker_state, window.name))
+    serving = Serving(dispatcher, upstreams, client, metrics)
     return Runtime(
-        settings, config, metrics, scheduler, dispatcher, client, upstreams, scraper, recent, keys
+        settings,
+        tables,
+        metrics,
+        scheduler,
+        dispatcher,
+        client,
+        upstreams,
+        scraper,
+        serving,
+        status,
     )
 
 

@@ -18,16 +18,15 @@ sent upstream.
 
 from __future__ import annotations
 
-import bisect
 import heapq
 import itertools
 import math
-from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from enum import Enum
 
 from gateway.classes import ClassPolicy, ClassTable, effective_priority
+from gateway.queues import ClassQueue, CompletionRate
 
 
 class State(Enum):
@@ -136,97 +135,6 @@ class Window:
         return self.usable and self.occupied < self.size - reserved
 
 
-class ClassQueue:
-    """The waiting tickets of one class: FIFO per tenant, round robin across tenants.
-
-    One tenant's flood cannot starve another tenant of the same class: each dispatch from
-    this class takes the head of the next tenant in turn. With a single tenant (no API keys)
-    it is plain arrival order. Each tenant's list is kept in key order.
-    """
-
-    def __init__(self) -> None:
-        self._by_tenant: dict[str, list[tuple[float, int, Ticket]]] = {}
-        self._turns: deque[str] = deque()  # tenants with waiting work, next one first
-        self._len = 0
-
-    def __len__(self) -> int:
-        return self._len
-
-    def __iter__(self) -> Iterator[Ticket]:
-        return (item[2] for items in self._by_tenant.values() for item in items)
-
-    def push(self, ticket: Ticket) -> None:
-        items = self._by_tenant.setdefault(ticket.tenant, [])
-        if not items:
-            self._turns.append(ticket.tenant)
-        bisect.insort(items, (ticket.key, ticket.seq, ticket), key=lambda i: i[:2])
-        self._len += 1
-
-    def head(self) -> Ticket | None:
-        return self._by_tenant[self._turns[0]][0][2] if self._turns else None
-
-    def oldest_arrival(self) -> float | None:
-        """When the longest-waiting ticket arrived (each tenant's list is in arrival order)."""
-        return min((items[0][2].arrival for items in self._by_tenant.values()), default=None)
-
-    def newest(self) -> Ticket | None:
-        """The newest ticket of the tenant with the most waiting: what to shed first."""
-        if not self._turns:
-            return None
-        heaviest = max(self._turns, key=lambda tenant: len(self._by_tenant[tenant]))
-        return self._by_tenant[heaviest][-1][2]
-
-    def take(self, ticket: Ticket) -> None:
-        """Remove the head being dispatched; its tenant's next ticket waits for a new turn."""
-        self.remove(ticket)
-        if self._turns and self._turns[0] == ticket.tenant:
-            self._turns.rotate(-1)
-
-    def remove(self, ticket: Ticket) -> None:
-        items = self._by_tenant[ticket.tenant]
-        index = bisect.bisect_left(items, (ticket.key, ticket.seq), key=lambda i: i[:2])
-        assert items[index][2] is ticket, "ticket not in its class queue"
-        del items[index]
-        self._len -= 1
-        if not items:
-            del self._by_tenant[ticket.tenant]
-            self._turns.remove(ticket.tenant)
-
-    def count_before(self, key: float) -> int:
-        """How many queued tickets would go before a new ticket with this key."""
-        return sum(
-            bisect.bisect_right(items, key, key=lambda i: i[0])
-            for items in self._by_tenant.values()
-        )
-
-
-class DrainRate:
-    """Completions per second over a sliding horizon: the basis for Retry-After and waits."""
-
-    def __init__(self, horizon_s: float = 30.0) -> None:
-        self._horizon_s = horizon_s
-        self._times: deque[float] = deque()
-        self._since: float | None = None
-
-    def record(self, now: float) -> None:
-        if self._since is None:
-            self._since = now
-        self._times.append(now)
-        self._trim(now)
-
-    def per_second(self, now: float) -> float | None:
-        """None until something has completed: no basis for an estimate yet."""
-        if self._since is None:
-            return None
-        self._trim(now)
-        span = min(self._horizon_s, max(now - self._since, 1.0))
-        return len(self._times) / span if self._times else None
-
-    def _trim(self, now: float) -> None:
-        while self._times and self._times[0] < now - self._horizon_s:
-            self._times.popleft()
-
-
 class Scheduler:
     """The gateway's queue and dispatch windows. Not thread-safe: one event loop owns it."""
 
@@ -237,10 +145,14 @@ class Scheduler:
         if not self.windows:
             raise ValueError("a scheduler needs at least one upstream window")
         self._queues: dict[str, ClassQueue] = {p.name: ClassQueue() for p in classes.ordered}
+        # Queue deadlines, soonest first. A ticket that leaves the queue otherwise (dispatched,
+        # withdrawn, shed) leaves a stale entry; the heap is rebuilt once stale entries are the
+        # majority, so it never holds more than twice what is queued (not rate x deadline).
         self._expiries: list[tuple[float, int, Ticket]] = []
+        self._stale = 0
         self._seq = itertools.count()
         self._queued = 0
-        self.drain = DrainRate()
+        self.completions = CompletionRate()
         # When each class last had work left waiting after a dispatch round.
         self._waited_at: dict[str, float] = {}
 
@@ -259,6 +171,11 @@ class Scheduler:
     def queued(self) -> int:
         return self._queued
 
+    @property
+    def timer_entries(self) -> int:
+        """Entries in the expiry heap: at most twice the queued tickets."""
+        return len(self._expiries)
+
     def waiting(self) -> Iterator[Ticket]:
         for queue in self._queues.values():
             yield from queue
@@ -267,7 +184,7 @@ class Scheduler:
         """Seconds a request of this class arriving now would probably wait (0 if it fits)."""
         if any(w.has_room(policy.reserved_slots(w.size)) for w in self.windows.values()):
             return 0.0
-        rate = self.drain.per_second(now)
+        rate = self.completions.per_second(now)
         if rate is None:
             return 0.0  # nothing has completed yet: no evidence of overload
         key = now - policy.head_start_s
@@ -276,7 +193,7 @@ class Scheduler:
 
     def retry_after(self, policy: ClassPolicy, now: float) -> int:
         """Whole seconds until a request of this class would likely be admitted again."""
-        rate = self.drain.per_second(now)
+        rate = self.completions.per_second(now)
         if rate is None:
             return 1
         backlog = sum(q.count_before(now - policy.head_start_s) for q in self._queues.values())
@@ -320,6 +237,7 @@ class Scheduler:
                     self.retry_after(policy, now),
                 )
             self._remove(victim, State.SHED)
+            self._left_queue()
             shed = (victim,)
         ticket.seq = next(self._seq)
         ticket.state = State.QUEUED
@@ -356,11 +274,20 @@ class Scheduler:
         """The client gave up while queued: forget the ticket."""
         if ticket.state is State.QUEUED:
             self._remove(ticket, State.WITHDRAWN)
+            self._left_queue()
 
     def _remove(self, ticket: Ticket, state: State) -> None:
         self._queues[ticket.policy.name].remove(ticket)
         self._queued -= 1
         ticket.state = state
+
+    def _left_queue(self) -> None:
+        """A queued ticket left other than by expiring: its heap entry is now stale."""
+        self._stale += 1
+        if self._stale * 2 > len(self._expiries):
+            self._expiries = [e for e in self._expiries if _live(e)]
+            heapq.heapify(self._expiries)
+            self._stale = 0
 
     # -- time ------------------------------------------------------------------------
 
@@ -368,16 +295,20 @@ class Scheduler:
         """Remove and return queued tickets whose time ran out."""
         expired = []
         while self._expiries and self._expiries[0][0] <= now:
-            _, _, ticket = heapq.heappop(self._expiries)
-            if ticket.state is State.QUEUED:
+            entry = heapq.heappop(self._expiries)
+            ticket = entry[2]
+            if _live(entry):
                 self._remove(ticket, State.EXPIRED)
                 expired.append(Expiry(ticket, ticket.expiry_stage))
+            else:
+                self._stale -= 1
         return expired
 
     def next_expiry(self) -> float | None:
         """When :meth:`expire` next has something to do, if ever."""
-        while self._expiries and self._expiries[0][2].state is not State.QUEUED:
+        while self._expiries and not _live(self._expiries[0]):
             heapq.heappop(self._expiries)
+            self._stale -= 1
         return self._expiries[0][0] if self._expiries else None
 
     # -- dispatch --------------------------------------------------------------------
@@ -393,6 +324,7 @@ class Scheduler:
             self._queues[ticket.policy.name].take(ticket)
             self._queued -= 1
             ticket.state = State.DISPATCHED
+            self._left_queue()
             ticket.upstream, ticket.dispatched_at = window.name, now
             ticket.effective_priority = effective_priority(ticket.policy, now - ticket.arrival)
             # Aging mattered iff a more important request is still waiting: with headroom
@@ -440,14 +372,19 @@ class Scheduler:
         window = self.windows.get(ticket.upstream)
         if window is not None:
             window.inflight -= 1
-        self.drain.record(now)
+        self.completions.record(now)
+
+
+def _live(entry: tuple[float, int, Ticket]) -> bool:
+    """The heap entry is its ticket's current one (a failover re-queues with a new seq)."""
+    return entry[2].state is State.QUEUED and entry[1] == entry[2].seq
 
 
 __all__ = [
     "Admitted",
     "ClassQueue",
+    "CompletionRate",
     "Dispatch",
-    "DrainRate",
     "Expiry",
     "Rejected",
     "Scheduler",

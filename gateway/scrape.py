@@ -37,7 +37,7 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 
-from gateway.upstream import UpstreamClient, UpstreamUnavailable
+from gateway.outbound import UpstreamClient, UpstreamUnavailable
 from gateway.upstreams import Upstream
 
 log = logging.getLogger("gateway.scrape")

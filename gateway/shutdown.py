@@ -98,8 +98,11 @@ class Drain:
         finally:
             self._watched.discard(watched)
 
-    async def stream(self, events: AsyncIterable[Any]) -> AsyncIterator[Any]:
-        """A stream's events; if the grace period ends first, an in-band error and ``[DONE]``.
+    async def stream(
+        self, events: AsyncIterable[Any], on_cut: Callable[[ShuttingDown], None] | None = None
+    ) -> AsyncIterator[Any]:
+        """A stream's events; if the grace period ends first, an in-band error and ``[DONE]``
+        (and ``on_cut`` is told, so the request is recorded as cut).
 
         The cut lands only while the stream waits for its upstream, never in the middle of
         writing an event to the client; a stream cut while writing ends before its next event.
@@ -128,7 +131,10 @@ class Drain:
             self._watched.discard(watched)
             if isinstance(upstream, AsyncGenerator):
                 await upstream.aclose()  # the relay's cleanup: upstream closed, slot freed, logged
-        yield sse.error_event(ShuttingDown())
+        cut = ShuttingDown()
+        if on_cut is not None:
+            on_cut(cut)
+        yield sse.error_event(cut)
         yield sse.DONE
 
 

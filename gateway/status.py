@@ -2,88 +2,61 @@
 
 ``GET /status.json`` is :func:`snapshot` of the runtime; ``GET /status`` is a static page
 (``static/status.html``) that polls it. Queue depths, in-flight counts and upstream state are
-read live. Per-task percentiles come from :class:`Recent`, a bounded ring of each task's
-last finished requests fed by :func:`gateway.exchange.record` (through
-``Metrics.on_request``), over the same population as ``gateway_request_duration_seconds``, so
-the page and the dashboard agree. Prometheus remains the place for history and alerts.
+read live. Per-task percentiles come from :class:`~gateway.recent.Recent`. Prometheus
+remains the place for history and alerts.
 """
 
 from __future__ import annotations
 
-import math
 import time
-from collections import deque
-from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING, Any, NamedTuple
+from collections.abc import Callable, Iterable
+from typing import Any
 
+from prometheus_client import Counter
+
+from gateway.config import Config
 from gateway.metrics import REJECTION_REASONS, SERVED_OUTCOMES
-
-if TYPE_CHECKING:  # the runtime holds a Recent; only the snapshot needs the runtime's type
-    from gateway.runtime import Runtime
+from gateway.recent import Finished, Recent, percentile
+from gateway.scheduler import Scheduler
+from gateway.scrape import Scraper
+from gateway.upstreams import Upstreams
 
 #: Outcomes that turned a request away before it reached an upstream.
 REJECTED_OUTCOMES = ("rejected", "shed")
 
 
-class Finished(NamedTuple):
-    """One finished request as the status page sees it. ``at`` is event-loop seconds."""
+class Status:
+    """What ``/status.json`` reads, handed over once; :meth:`snapshot` reads it now."""
 
-    at: float
-    duration_s: float
-    ttft_s: float | None
-    outcome: str
-    error_code: str | None
-
-
-class Recent:
-    """Each task's last ``per_task`` finished requests, read back over ``horizon_s``.
-
-    ``add`` is O(1) and allocation-light because it runs once per request; the work (filter
-    by age, sort for percentiles) happens when the status page asks, every few seconds. A
-    busy task's window is therefore its last ``per_task`` requests if those span less than
-    the horizon; :func:`snapshot` reports the span actually covered.
-    """
-
-    def __init__(self, per_task: int = 2048, horizon_s: float = 300.0) -> None:
-        self.per_task = per_task
-        self.horizon_s = horizon_s
-        self._rings: dict[str, deque[Finished]] = {}
-
-    def add(
+    def __init__(
         self,
-        task: str,
-        outcome: str,
-        now: float,
-        duration_s: float,
-        ttft_s: float | None,
-        error_code: str | None,
+        config: Callable[[], Config],
+        scheduler: Scheduler,
+        upstreams: Upstreams,
+        scraper: Scraper,
+        recent: Recent,
+        rejections: Counter,
+        clock: Callable[[], float],
     ) -> None:
-        ring = self._rings.get(task)
-        if ring is None:  # task names come from the task table, so the dict stays small
-            ring = self._rings[task] = deque(maxlen=self.per_task)
-        ring.append(Finished(now, duration_s, ttft_s, outcome, error_code))
+        self._config = config  # a reload swaps the table: read it when asked
+        self._scheduler = scheduler
+        self._upstreams = upstreams
+        self._scraper = scraper
+        self._recent = recent
+        self._rejections = rejections
+        self._clock = clock
 
-    def window(self, task: str, now: float) -> list[Finished]:
-        """The task's requests that finished within the horizon, oldest first."""
-        since = now - self.horizon_s
-        return [f for f in self._rings.get(task, ()) if f.at >= since]
-
-
-def percentile(values: Sequence[float], q: float) -> float | None:
-    """Nearest-rank percentile of sorted ``values`` (``q`` in 0..1); None if empty."""
-    if not values:
-        return None
-    return values[min(max(math.ceil(q * len(values)) - 1, 0), len(values) - 1)]
+    def snapshot(self) -> dict[str, Any]:
+        """Everything ``/status.json`` shows, read now."""
+        return _snapshot(self, self._clock())
 
 
-def snapshot(rt: Runtime) -> dict[str, Any]:
-    """Everything ``/status.json`` shows, read from the runtime now."""
-    now = rt.dispatcher.now()
-    config, scheduler = rt.config, rt.scheduler
-    recent = {name: rt.recent.window(name, now) for name in config.tasks}
+def _snapshot(st: Status, now: float) -> dict[str, Any]:
+    config, scheduler = st._config(), st._scheduler
+    recent = {name: st._recent.window(name, now) for name in config.tasks}
     return {
         "time": time.time(),
-        "horizon_s": rt.recent.horizon_s,
+        "horizon_s": st._recent.horizon_s,
         "queue": {
             "queued": scheduler.queued,
             "max_queued": scheduler.max_queued,
@@ -91,19 +64,21 @@ def snapshot(rt: Runtime) -> dict[str, Any]:
                 {"name": p.name, "depth": scheduler.depth(p.name), "max_queued": p.max_queued}
                 for p in scheduler.classes.ordered
             ],
+            "expiry_timers": scheduler.timer_entries,
         },
-        "upstreams": [_upstream(rt, name, now) for name in rt.upstreams.by_name],
+        "upstreams": [_upstream(st, name, now) for name in st._upstreams.by_name],
         "tasks": [
             _task(task.name, task.priority_class, task.sla_latency_s, task.sla_ttft_s, done, now)
             for task, done in zip(config.tasks.values(), recent.values(), strict=True)
         ],
-        "rejections": _rejections(rt, recent.values()),
+        "rejections": _rejections(st._rejections, recent.values()),
+        "bounds": {"recent_per_task": st._recent.per_task, "recent_tasks": st._recent.tasks},
     }
 
 
-def _upstream(rt: Runtime, name: str, now: float) -> dict[str, Any]:
-    upstream, window = rt.upstreams[name], rt.scheduler.windows[name]
-    load = rt.scraper.loads.get(name)
+def _upstream(st: Status, name: str, now: float) -> dict[str, Any]:
+    upstream, window = st._upstreams[name], st._scheduler.windows[name]
+    load = st._scraper.loads.get(name)
     vllm = None
     if load is not None:
         vllm = {
@@ -121,7 +96,7 @@ def _upstream(rt: Runtime, name: str, now: float) -> dict[str, Any]:
         "window": window.size,
         "external": window.external,
         "vllm": vllm,
-        "metrics_error": rt.scraper.errors.get(name),
+        "metrics_error": st._scraper.errors.get(name),
     }
 
 
@@ -158,7 +133,7 @@ def _task(
     }
 
 
-def _rejections(rt: Runtime, recent: Iterable[list[Finished]]) -> dict[str, Any]:
+def _rejections(rejections: Counter, recent: Iterable[list[Finished]]) -> dict[str, Any]:
     """Rejections by reason: within the recent window, and since the gateway started."""
     window = dict.fromkeys(REJECTION_REASONS, 0)
     for done in recent:
@@ -166,7 +141,7 @@ def _rejections(rt: Runtime, recent: Iterable[list[Finished]]) -> dict[str, Any]
             if f.outcome in REJECTED_OUTCOMES and f.error_code is not None:
                 window[f.error_code] = window.get(f.error_code, 0) + 1
     total = dict.fromkeys(REJECTION_REASONS, 0)
-    for family in rt.metrics.rejections.collect():
+    for family in rejections.collect():
         for sample in family.samples:
             if sample.name.endswith("_total"):
                 reason = sample.labels["reason"]

@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from gateway.breaker import Breaker, BreakerPolicy, BreakerState
-from gateway.upstream import UpstreamClient, UpstreamUnavailable
+from gateway.outbound import UpstreamClient, UpstreamUnavailable
 
 log = logging.getLogger("gateway.upstreams")
 

@@ -30,6 +30,8 @@ class Behaviour:
     hang: bool = False  # accept the request and never answer
     break_after_chunks: int | None = None  # close the connection mid-stream
     healthy: bool = True
+    tokenize_status: int = 200  # non-200: /tokenize fails
+    tokenize_hang: bool = False  # /tokenize accepts the request and never answers
     # Streams wait on this after their first content chunk: a test sets it once the client
     # has that chunk, which proves the gateway relayed it without waiting for the rest.
     hold_after_first: asyncio.Event | None = None
@@ -101,6 +103,12 @@ class FakeVllm:
         body = await request.json()
         tokens = [ord(c) for c in body.get("prompt", "")]
         self.tokenize_calls += 1
+        if self.behaviour.tokenize_hang:
+            await asyncio.Event().wait()
+        if self.behaviour.tokenize_status != 200:
+            return web.json_response(
+                {"error": "tokenizer broke"}, status=self.behaviour.tokenize_status
+            )
         return web.json_response({"count": len(tokens), "max_model_len": 4096, "tokens": tokens})
 
     async def _detokenize(self, request: web.Request) -> web.Response:

@@ -18,6 +18,7 @@ import httpx
 from gateway.config import Config, default_config_path, parse_config
 from tests.integration.conftest import GatewayFactory
 from tests.servers import server_timing_ms
+from tests.support import metric
 from tests.vllm_server import VllmServer
 
 GO = [{"role": "user", "content": "go"}]
@@ -30,13 +31,6 @@ def table(**changes: dict[str, Any]) -> Config:
         for name, fields in values.items():
             raw.setdefault(section, {}).setdefault(name, {}).update(fields)
     return parse_config(raw)
-
-
-async def metric(c: httpx.AsyncClient, prefix: str) -> float:
-    for line in (await c.get("/metrics")).text.splitlines():
-        if line.startswith(prefix):
-            return float(line.rsplit(" ", 1)[1])
-    raise AssertionError(f"no metric {prefix}")
 
 
 async def vllm_running(server: VllmServer) -> float:

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import shutil
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
 
@@ -48,3 +49,12 @@ async def gateway(start_gateway: GatewayFactory) -> AsyncIterator[str]:
 async def client(gateway: str) -> AsyncIterator[httpx.AsyncClient]:
     async with httpx.AsyncClient(base_url=gateway, timeout=20) as c:
         yield c
+
+
+@pytest.fixture(scope="session")
+def promtool() -> str:
+    """Debian's ``prometheus`` package's promtool (launch/test.sh installs it)."""
+    path = shutil.which("promtool")
+    if path is None:
+        pytest.fail("promtool not found: install Debian's `prometheus` package (launch/test.sh)")
+    return path

@@ -4,28 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import json
-from typing import Any
 
 import httpx
 import pytest
 
 from gateway.metrics import OUTCOMES
 from tests.fake_vllm import FakeVllm
+from tests.support import assert_envelope
 from tests.unit.conftest import GatewayFactory
 
 USER = [{"role": "user", "content": "I love this phone"}]
-
-
-def assert_envelope(
-    response: httpx.Response, status: int, code: str | None = None
-) -> dict[str, Any]:
-    assert response.status_code == status, response.text
-    error = response.json()["error"]
-    assert set(error) == {"message", "type", "param", "code"}
-    assert error["message"]
-    if code is not None:
-        assert error["code"] == code
-    return error  # type: ignore[no-any-return]
 
 
 async def test_sentiment_is_shaped_by_its_task(client: httpx.AsyncClient, fake: FakeVllm) -> None:

@@ -150,3 +150,14 @@ def test_the_sla_first_table_differs_from_the_shipped_one_only_as_documented() -
     }
     assert changed_tasks == {"chat": 2.5, "code": 2.5}
     assert tuned.tasks.keys() == shipped.tasks.keys()
+
+
+def test_a_reply_prompt_with_another_placeholder_is_refused_at_load(tmp_path: Path) -> None:
+    """It would raise on every assist request; say so when the table is loaded instead."""
+    table = tmp_path / "tasks.toml"
+    shipped = (Path(__file__).resolve().parents[2] / "gateway" / "tasks.toml").read_text()
+    table.write_text(shipped.replace("Reply in a way that fits", "Use a {tone} tone that fits"))
+    with pytest.raises(ConfigError, match="only \\{label\\}"):
+        load_config(table)
+    table.write_text(shipped.replace("Reply in a way", "Reply {{in braces}} in a way"))
+    assert load_config(table).tasks["assist"].pipeline is not None

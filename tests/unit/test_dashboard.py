@@ -10,13 +10,11 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pytest
 import yaml
 from prometheus_client import CollectorRegistry
 
@@ -139,14 +137,6 @@ def as_promql(expr: str) -> str:
     outside_strings = re.sub(r'"(?:[^"\\]|\\.)*"', '""', expr)
     assert "$" not in outside_strings, f"a Grafana variable outside a string: {expr}"
     return expr
-
-
-@pytest.fixture(scope="module")
-def promtool() -> str:
-    path = shutil.which("promtool")
-    if path is None:
-        pytest.fail("promtool not found: install Debian's `prometheus` package (launch/test.sh)")
-    return path
 
 
 # -- the dashboard -----------------------------------------------------------------------------

@@ -4,29 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 
 import httpx
 
 from gateway.config import load_config, parse_config
 from tests.fake_vllm import FakeVllm
+from tests.support import metric, until
 from tests.unit.conftest import GatewayFactory
 
 USER = [{"role": "user", "content": "hello"}]
-
-
-async def until(condition: Callable[[], bool], timeout_s: float = 5.0) -> None:
-    """Wait for a condition that another task makes true; fail the test if it never does."""
-    async with asyncio.timeout(timeout_s):
-        while not condition():
-            await asyncio.sleep(0.01)
-
-
-async def metric(client: httpx.AsyncClient, line_prefix: str) -> float:
-    for line in (await client.get("/metrics")).text.splitlines():
-        if line.startswith(line_prefix):
-            return float(line.rsplit(" ", 1)[1])
-    raise AssertionError(f"no metric line starts with {line_prefix}")
 
 
 async def test_client_leaving_a_stream_aborts_the_upstream_request(

@@ -43,3 +43,37 @@ async def test_the_server_freezes_the_start_up_heap_once_started() -> None:
         server.should_exit = True
         await serving
         gc.unfreeze()  # this test process goes on making and dropping apps
+
+
+def test_access_lines_are_encoded_and_written_off_the_calling_thread(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The event loop only enqueues an access record; a listener thread encodes and writes."""
+    import io
+    import json
+    import threading
+
+    from prometheus_client import CollectorRegistry
+
+    from gateway.__main__ import configure_logging
+    from gateway.exchange import Exchange, record
+    from gateway.metrics import Metrics
+
+    writers: list[str] = []
+
+    class Out(io.StringIO):
+        def write(self, text: str) -> int:
+            writers.append(threading.current_thread().name)
+            return super().write(text)
+
+    out = Out()
+    monkeypatch.setattr("sys.stdout", out)
+    metrics = Metrics(CollectorRegistry(), [("chat", "interactive")], ["interactive"], ["u"])
+    with configure_logging("warning"):
+        record(
+            Exchange("r1", 0.0, task="chat", priority_class="interactive"), metrics, 1.0, log=True
+        )
+    line = json.loads(out.getvalue())
+    assert line["request_id"] == "r1"
+    assert writers
+    assert threading.current_thread().name not in writers

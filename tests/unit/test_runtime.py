@@ -10,6 +10,7 @@ from pathlib import Path
 import httpx
 
 from tests.fake_vllm import FakeVllm
+from tests.support import metric
 from tests.unit.conftest import GatewayFactory
 
 TABLE = """
@@ -51,8 +52,11 @@ async def test_sighup_reloads_the_table_and_refuses_an_invalid_one(
         assert fake.seen[-1].body["messages"][0]["content"] == "second prompt"
 
         table.write_text('[tasks.alpha]\nclass = "urgent"\n')  # invalid: unknown class
+        refused = 'gateway_task_table_reloads_total{result="refused"}'
         os.kill(os.getpid(), signal.SIGHUP)
-        await asyncio.sleep(0.2)  # give the handler its turn; nothing observable should change
+        async with asyncio.timeout(5):  # the handler ran and refused the table
+            while await metric(c, refused) != 1:
+                await asyncio.sleep(0.02)
         models = {m["id"] for m in (await c.get("/v1/models")).json()["data"]}
         assert models == {"alpha", "beta"}
         r = await c.post(

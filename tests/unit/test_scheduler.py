@@ -495,3 +495,21 @@ def test_contention_long_past_does_not_close_the_door() -> None:
     late = 1.0 + BATCH.max_wait_s + 1.0
     assert old_batch.state is State.QUEUED  # batch has waited past its limit...
     assert isinstance(s.admit(ticket(BATCH, late), late), Admitted)  # ...but behind nobody
+
+
+def test_a_ticket_that_leaves_the_queue_leaves_the_expiry_timers_too() -> None:
+    """Dispatched, withdrawn or shed tickets must not wait in the expiry heap until their
+    queue deadline (600 s for batch): memory would grow with rate x deadline."""
+    s = scheduler(window=1000, max_queued=4)
+    tickets = [ticket(BATCH, arrival=0.0, queue_s=600.0) for _ in range(100)]
+    for t in tickets:
+        s.admit(t, 0.0)
+        s.dispatch(0.0)
+        s.release(t, 0.1)
+    assert s.timer_entries == 0
+    queued = [ticket(BATCH, arrival=1.0, queue_s=600.0) for _ in range(3)]
+    s.windows["u0"].usable = False
+    admit_all(s, queued, 1.0)
+    s.withdraw(queued[0])
+    assert s.timer_entries <= 2 * s.queued
+    assert s.next_expiry() == 601.0

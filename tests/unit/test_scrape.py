@@ -10,6 +10,7 @@ from contextlib import asynccontextmanager
 import httpx
 import pytest
 
+from gateway.outbound import UpstreamClient
 from gateway.scrape import (
     KV_CACHE,
     RUNNING,
@@ -20,7 +21,6 @@ from gateway.scrape import (
     parse_line,
     read_load,
 )
-from gateway.upstream import UpstreamClient
 from gateway.upstreams import Upstream, upstream_name
 from tests.fake_vllm import FakeVllm
 from tests.unit.conftest import GatewayFactory

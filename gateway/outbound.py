@@ -6,16 +6,22 @@ default transport served 546 and httpx over an aiohttp transport 2,803 (see the 
 overhead numbers for the gateway itself). Keeping every outbound call in this module keeps
 that choice reversible.
 
-Failures are mapped to gateway errors here, once:
+Every call streams: a non-streaming client request is asked of vLLM as a stream too (and
+put back together by :mod:`gateway.chunks`), so one rule bounds a silent upstream for both:
+the read gap, the longest silence between two chunks, never the whole generation.
 
-    connection refused / reset before a response  -> UpstreamUnavailable (503, retryable)
-    no response or no chunk within the read gap   -> UpstreamTimeout (504)
-    a response that is not valid HTTP              -> BadGateway (502)
+Failures are mapped to gateway errors here, once. aiohttp's timeouts are also connection
+errors (``ServerTimeoutError`` subclasses both), so they are told apart first:
+
+    connection refused / reset, or connect timeout -> UpstreamUnavailable (503, retryable)
+    no response or no chunk within the read gap    -> UpstreamTimeout (504)
+    a response that is not valid HTTP, or cut off  -> BadGateway (502)
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -33,6 +39,35 @@ class UpstreamUnavailable(ServiceUnavailable):
 
     def __init__(self, message: str) -> None:
         super().__init__(message, code="upstream_unavailable")
+
+
+class UpstreamRejected(GatewayError):
+    """vLLM refused the request as invalid (e.g. too long for the context): the client's 4xx."""
+
+    type = "invalid_request_error"
+
+    def __init__(self, status: int, message: str, code: str | None) -> None:
+        super().__init__(message, code=code or "upstream_rejected")
+        self.status = status
+
+
+def upstream_error(status: int, raw: bytes) -> GatewayError:
+    """An upstream's non-200 answer as the client's error: its own 4xx, or ours for 5xx."""
+    message, code = f"the upstream answered {status}", None
+    try:
+        error = json.loads(raw).get("error")
+        if isinstance(error, dict):
+            message = str(error.get("message") or message)
+            code = error.get("code") if isinstance(error.get("code"), str) else None
+        elif isinstance(error, str):
+            message = error
+    except (ValueError, AttributeError):
+        pass
+    if 400 <= status < 500 and status != 429:
+        return UpstreamRejected(status, message, code)
+    if status in (429, 503):
+        return ServiceUnavailable(f"the upstream is overloaded: {message}", code="upstream_busy")
+    return BadGateway(f"the upstream failed: {message}", code="upstream_error")
 
 
 class UpstreamTimeout(GatewayError):
@@ -75,10 +110,10 @@ class UpstreamResponse:
     async def read(self) -> bytes:
         try:
             return await self._response.read()
-        except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
-            raise BadGateway(f"the upstream broke off its answer: {exc}") from exc
         except TimeoutError as exc:
             raise UpstreamTimeout("the upstream stopped answering") from exc
+        except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
+            raise BadGateway(f"the upstream broke off its answer: {exc}") from exc
         finally:
             self._response.release()
 
@@ -116,7 +151,6 @@ class UpstreamClient:
         self._gap = aiohttp.ClientTimeout(
             total=None, connect=timeouts.connect, sock_read=timeouts.read_gap
         )
-        self._whole = aiohttp.ClientTimeout(total=None, connect=timeouts.connect, sock_read=None)
         self._session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(
                 limit=limits.max_connections,
@@ -132,23 +166,20 @@ class UpstreamClient:
     async def close(self) -> None:
         await self._session.close()
 
-    async def post(
-        self, url: str, body: bytes, headers: Mapping[str, str], *, stream: bool
-    ) -> UpstreamResponse:
-        """Send a request and wait for the status line and headers.
+    async def post(self, url: str, body: bytes, headers: Mapping[str, str]) -> UpstreamResponse:
+        """Send a (streaming) request and wait for the status line and headers.
 
-        A non-streaming answer may take the whole generation to start, so only streams get
-        the read-gap timeout; the caller's deadline bounds the rest.
+        The read gap bounds the wait for the headers and then each chunk; the caller's
+        deadline bounds the whole.
         """
-        timeout = (
-            None
-            if stream
-            else aiohttp.ClientTimeout(total=None, connect=self.timeouts.connect, sock_read=None)
-        )
         try:
-            response = await self._session.post(
-                url, data=body, headers=headers, timeout=timeout or aiohttp.helpers.sentinel
-            )
+            response = await self._session.post(url, data=body, headers=headers)
+        except aiohttp.ConnectionTimeoutError as exc:  # nothing was sent: safe elsewhere
+            raise UpstreamUnavailable(
+                f"upstream {_origin(url)} did not accept a connection"
+            ) from exc
+        except TimeoutError as exc:  # ServerTimeoutError too: sent, and then silence
+            raise UpstreamTimeout(f"upstream {_origin(url)} did not answer in time") from exc
         except (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError) as exc:
             raise UpstreamUnavailable(f"upstream {_origin(url)} is unreachable: {exc}") from exc
         except aiohttp.ClientResponseError as exc:
@@ -159,18 +190,14 @@ class UpstreamClient:
             raise UpstreamUnavailable(
                 f"upstream {_origin(url)} dropped the connection: {exc}"
             ) from exc
-        except TimeoutError as exc:
-            raise UpstreamTimeout(f"upstream {_origin(url)} did not answer in time") from exc
         return UpstreamResponse(response)
 
-    async def post_json(
-        self, url: str, payload: dict[str, Any], timeout_s: float
-    ) -> dict[str, Any]:
-        """A small JSON call (tokenize, detokenize). Any failure is UpstreamUnavailable."""
+    async def post_json(self, url: str, payload: dict[str, Any]) -> dict[str, Any]:
+        """A small JSON call (tokenize, detokenize), bounded by the read gap and the caller's
+        deadline. Any failure is UpstreamUnavailable: nothing was generated."""
         try:
-            async with asyncio.timeout(timeout_s):
-                async with self._session.post(url, json=payload) as response:
-                    body = await response.json(content_type=None)
+            async with self._session.post(url, json=payload) as response:
+                body = await response.json(content_type=None)
         except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
             raise UpstreamUnavailable(f"upstream {_origin(url)} call failed: {exc!r}") from exc
         if response.status != 200 or not isinstance(body, dict):

@@ -1,0 +1,381 @@
+"""Serving one task step: queue it, count its input, send it to vLLM, relay or collect.
+
+    dispatch ─▶ count the input ─▶ POST (always a stream) ─▶ first event ─┬▶ Stream (relay)
+     (queue)     (on the upstream     with failover                     └▶ Answer (collected)
+                  it was sent to)
+
+:meth:`Serving.run` returns a result (:class:`Answer` or :class:`Stream`, each with its
+headers) and never releases anything itself: every resource it acquires (the ticket, the
+upstream response, the stream's deadline timer) is handed to the request's
+:class:`~gateway.lifecycle.Lifecycle` the moment it exists, and the lifecycle releases it.
+
+Deadlines: the queue deadline is the scheduler's; after dispatch, the request's total
+deadline bounds counting, connecting and the first event, then closes the upstream
+connection of a stream still running (vLLM aborts the request and frees its KV cache).
+Before the first byte reaches the client that is a 504; once a stream has started it is an
+in-band error event followed by ``[DONE]``.
+
+Failover: every failure before the first event (connection refused, reset or timed out, a
+5xx, an answer that is not a stream, silence past the read gap, a failed token count) is the
+upstream's: it is reported to its circuit breaker and the request goes back through the
+scheduler to a usable upstream it has not tried (its arrival and deadlines kept), with at
+most as many tries as there are upstreams. Nothing has been generated for the client then,
+for streams and non-streams alike, since both are streamed from vLLM. After the first event
+a failure ends the answer (in band for a stream, 502/504 for a collected answer).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, replace
+from typing import Any
+
+from gateway import sse
+from gateway.chunks import collect
+from gateway.classes import to_vllm_priority
+from gateway.config import Task
+from gateway.dispatch import Dispatcher
+from gateway.errors import (
+    BadGateway,
+    BadRequest,
+    DeadlineExceeded,
+    GatewayError,
+    ServiceUnavailable,
+)
+from gateway.exchange import Exchange, outcome_for
+from gateway.input_limit import fit_input
+from gateway.lifecycle import Lifecycle
+from gateway.metrics import Metrics
+from gateway.outbound import UpstreamClient, UpstreamRejected, UpstreamResponse, upstream_error
+from gateway.protocol import build_upstream_body, granted_max_tokens
+from gateway.scheduler import Ticket
+from gateway.steps import Answer, Ewma, Step, Stream
+from gateway.upstreams import Upstreams
+
+log = logging.getLogger("gateway.serving")
+
+PATHS = {"chat": "/v1/chat/completions", "completions": "/v1/completions"}
+
+
+@dataclass(slots=True)
+class _Opened:
+    """An upstream stream whose first event has arrived."""
+
+    first: bytes
+    rest: AsyncIterator[bytes]
+
+
+class _Fault(Exception):
+    """An attempt failed through the upstream's fault before anything was generated."""
+
+    def __init__(self, error: GatewayError) -> None:
+        super().__init__(error.message)
+        self.error = error
+
+
+class Serving:
+    """Runs task steps. Built once in the lifespan with the parts it uses."""
+
+    def __init__(
+        self,
+        dispatcher: Dispatcher,
+        upstreams: Upstreams,
+        client: UpstreamClient,
+        metrics: Metrics,
+    ) -> None:
+        self._dispatcher = dispatcher
+        self._upstreams = upstreams
+        self._client = client
+        self._metrics = metrics
+        self.ttft = Ewma()  # per task, dispatch to first event: what a request needs left
+
+    def now(self) -> float:
+        return self._dispatcher.now()
+
+    async def run(
+        self, life: Lifecycle, step: Step, *, first_event: Callable[[bytes], bytes] | None = None
+    ) -> Answer | Stream:
+        """Run the step for the request ``life`` owns, up to its result."""
+        headers: dict[str, str] = {}
+        max_tokens = self._degrade(life.exchange, step, headers)
+        ticket = await self._dispatch(life, step)
+        try:
+            async with asyncio.timeout_at(ticket.deadline):
+                step, opened = await self._open(life, step, ticket, max_tokens, headers)
+                if not step.request.stream:
+                    return Answer(await self._collect(life, step, opened), headers)
+        except TimeoutError:
+            raise self._upstream_deadline(step.task) from None
+        self._arm_deadline(life, ticket.deadline)
+        return Stream(self._relay(life, step, opened, first_event), headers)
+
+    # -- before the upstream ---------------------------------------------------------
+
+    def _degrade(self, ex: Exchange, step: Step, headers: dict[str, str]) -> int:
+        """The max_tokens to grant, capped by the task's degrade policy when the queue is long."""
+        granted = granted_max_tokens(step.task, step.request)
+        policy = step.task.degrade
+        if policy is None or granted <= policy.max_tokens:
+            return granted
+        wait = self._dispatcher.scheduler.predicted_wait(step.policy, self._dispatcher.now())
+        if wait <= policy.when_wait_s:
+            return granted
+        ex.degraded = True
+        self._metrics.degraded.labels(step.task.name).inc()
+        headers["X-Degraded"] = f"max_tokens={policy.max_tokens}"
+        return policy.max_tokens
+
+    async def _dispatch(self, life: Lifecycle, step: Step) -> Ticket:
+        """Queue the step and wait for its turn; the ticket names the upstream it got."""
+        if not self._upstreams.any_up():
+            raise ServiceUnavailable(
+                "no upstream is ready; retry shortly",
+                code="no_upstream",
+                headers={"Retry-After": "2"},
+            )
+        ex = life.exchange
+        ex.queued_at = step.queued_at if step.queued_at is not None else ex.arrival
+        ticket = Ticket(
+            task=step.task.name,
+            policy=step.policy,
+            arrival=ex.queued_at,  # aging counts time in the queue
+            queue_deadline=ex.arrival + min(step.budget.queue_s, step.budget.total_s),
+            deadline=ex.arrival + step.budget.total_s,  # deadlines count from the arrival
+            need_s=self.ttft.get(step.task.name),
+            tenant=step.tenant,
+        )
+        life.ticket = ticket
+        await self._dispatcher.acquire(ticket)
+        _dispatched(ex, ticket)
+        return ticket
+
+    # -- opening, with failover --------------------------------------------------------
+
+    async def _open(
+        self, life: Lifecycle, step: Step, ticket: Ticket, max_tokens: int, headers: dict[str, str]
+    ) -> tuple[Step, _Opened]:
+        """Count the input and start the call at the ticket's upstream, failing over while
+        upstreams fail. Returns the step as sent (its input perhaps truncated)."""
+        counted = False
+        tries = 0
+        while True:
+            tries += 1
+            upstream = ticket.upstream
+            assert upstream is not None
+            try:
+                if not counted:
+                    step = await self._fit(step, upstream, headers)
+                    counted = True
+                opened = await self._attempt(life, step, ticket, max_tokens)
+            except _Fault as fault:
+                self._upstreams.failed(upstream, fault.error.message)
+                if tries >= len(self._upstreams.by_name) or not await self._redispatch(
+                    life.exchange, ticket, fault.error
+                ):
+                    raise fault.error from None
+                continue
+            except UpstreamRejected:
+                self._upstreams.succeeded(upstream)  # the upstream works; the request was bad
+                raise
+            self._upstreams.succeeded(upstream)
+            ex = life.exchange
+            ex.first_byte_at = self._dispatcher.now()
+            self.ttft.observe(step.task.name, ex.first_byte_at - (ex.dispatched_at or ex.arrival))
+            return step, opened
+
+    async def _fit(self, step: Step, upstream: str, headers: dict[str, str]) -> Step:
+        """The step with its input within the task's budget, counted by ``upstream``."""
+        base_url = self._upstreams[upstream].base_url
+        try:
+            request, trimmed = await fit_input(self._client, base_url, step.task, step.request)
+        except BadRequest:
+            raise
+        except GatewayError as exc:
+            raise _Fault(exc) from exc
+        if trimmed is None:
+            return step
+        headers["X-Input-Truncated"] = f"tokens={trimmed.original_tokens}->{trimmed.kept_tokens}"
+        return replace(step, request=request)
+
+    async def _attempt(
+        self, life: Lifecycle, step: Step, ticket: Ticket, max_tokens: int
+    ) -> _Opened:
+        assert ticket.upstream is not None
+        upstream = self._upstreams[ticket.upstream]
+        body = build_upstream_body(
+            step.task,
+            step.request,
+            max_tokens=max_tokens,
+            priority=to_vllm_priority(ticket.effective_priority),
+            model=upstream.model,
+            extra_system=step.extra_system,
+        )
+        # Always a stream from vLLM (see gateway.chunks), always with usage: the relay drops
+        # the usage chunk again for a client that did not ask for it.
+        body["stream"] = True
+        body["stream_options"] = {"include_usage": True}
+        raw = json.dumps(body, ensure_ascii=False).encode()
+        headers = {"Content-Type": "application/json", "X-Request-Id": life.exchange.request_id}
+        url = upstream.base_url + PATHS[step.request.endpoint]
+        try:
+            response = await self._client.post(url, raw, headers)
+        except GatewayError as exc:
+            raise _Fault(exc) from exc
+        life.response = response
+        try:
+            return await _first_event(response)
+        except BaseException:
+            life.finish_response(clean=False)
+            raise
+
+    async def _redispatch(self, ex: Exchange, ticket: Ticket, error: GatewayError) -> bool:
+        """Queue the ticket again for a usable upstream it has not tried; False if none.
+
+        It keeps its arrival (its aged place in the queue) and its deadlines; a ticket whose
+        queue deadline has passed is not sent again, and the client gets the upstream's error.
+        """
+        failed = ticket.upstream
+        assert failed is not None
+        avoid = ticket.avoid | {failed}
+        others = [u.name for u in self._upstreams.by_name.values() if u.up and u.name not in avoid]
+        if not others or ticket.expires_at <= self._dispatcher.now():
+            return False
+        self._dispatcher.release(ticket)
+        ticket.avoid = avoid
+        log.warning(
+            "request %s: upstream %s failed before the first byte (%s); trying %s",
+            ex.request_id,
+            failed,
+            error.message,
+            " or ".join(others),
+        )
+        await self._dispatcher.acquire(ticket)
+        _dispatched(ex, ticket)
+        return True
+
+    # -- after the first event -----------------------------------------------------------
+
+    async def _collect(self, life: Lifecycle, step: Step, opened: _Opened) -> dict[str, Any]:
+        """The whole answer of a non-streaming request, put together from its stream."""
+        try:
+            answer = await collect(opened.first, opened.rest, chat=step.request.endpoint == "chat")
+        except GatewayError as exc:
+            assert life.exchange.upstream is not None
+            self._upstreams.failed(life.exchange.upstream, exc.message)
+            raise
+        life.finish_response(clean=True)
+        _take_usage(life.exchange, answer)
+        return answer
+
+    def _arm_deadline(self, life: Lifecycle, deadline: float) -> None:
+        """Close a running stream's upstream connection when its deadline passes."""
+
+        def on_deadline() -> None:
+            life.exchange.deadline_hit = True
+            if life.response is not None:
+                life.response.abort()
+
+        life.timer = asyncio.get_running_loop().call_at(deadline, on_deadline)
+
+    async def _relay(
+        self,
+        life: Lifecycle,
+        step: Step,
+        opened: _Opened,
+        first_event: Callable[[bytes], bytes] | None,
+    ) -> AsyncIterator[bytes]:
+        """Yield the upstream's events as they come, nothing buffered; ``[DONE]`` last.
+
+        It releases nothing: the request's lifecycle does, whether or not this ever ran.
+        """
+        ex = life.exchange
+        upstream = ex.upstream
+        assert upstream is not None
+        event = first_event(opened.first) if first_event else opened.first
+        while True:
+            if sse.is_done(event):
+                life.finish_response(clean=True)
+                yield event
+                return
+            if sse.is_usage_only(event):
+                _take_usage(ex, sse.parse(event) or {})
+                if step.request.include_usage:
+                    yield event
+            else:
+                yield event
+            try:
+                event = await anext(opened.rest, b"")
+            except GatewayError as exc:
+                if ex.deadline_hit:
+                    error: GatewayError = self._upstream_deadline(step.task)
+                else:
+                    error = exc
+                    self._upstreams.failed(upstream, exc.message)
+                ex.fail(error.status, outcome_for(error), error.code)
+                yield sse.error_event(error)
+                yield sse.DONE
+                return
+            if not event:
+                error = BadGateway(
+                    "the upstream ended the stream early", code="bad_upstream_response"
+                )
+                self._upstreams.failed(upstream, error.message)
+                ex.fail(error.status, "upstream_error", error.code)
+                yield sse.error_event(error)
+                yield sse.DONE
+                return
+
+    def _upstream_deadline(self, task: Task) -> DeadlineExceeded:
+        self._metrics.deadline_exceeded.labels(task.name, "upstream").inc()
+        return DeadlineExceeded(
+            "the request's deadline passed while the upstream was generating; it was cancelled",
+            stage="upstream",
+        )
+
+
+async def _first_event(response: UpstreamResponse) -> _Opened:
+    """Wait for the stream's first event, so that every failure until then is a status."""
+    if response.status != 200:
+        error = upstream_error(response.status, await response.read())
+        if isinstance(error, UpstreamRejected):
+            raise error
+        raise _Fault(error)
+    if not response.headers.get("Content-Type", "").startswith("text/event-stream"):
+        raise _Fault(
+            BadGateway(
+                "the upstream answered a stream request without a stream",
+                code="bad_upstream_response",
+            )
+        )
+    events = response.events()
+    try:
+        first = await anext(events, b"")
+    except GatewayError as exc:
+        raise _Fault(exc) from exc
+    if not first:
+        raise _Fault(
+            BadGateway(
+                "the upstream closed the stream without an answer", code="bad_upstream_response"
+            )
+        )
+    return _Opened(first, events)
+
+
+def _dispatched(ex: Exchange, ticket: Ticket) -> None:
+    ex.dispatched_at = ticket.dispatched_at
+    ex.upstream = ticket.upstream
+    ex.priority = to_vllm_priority(ticket.effective_priority)
+    ex.boosted = ticket.boosted
+
+
+def _take_usage(ex: Exchange, answer: dict[str, Any]) -> None:
+    usage = answer.get("usage")
+    if isinstance(usage, dict):
+        prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
+        ex.add_usage(
+            prompt if isinstance(prompt, int) else None,
+            completion if isinstance(completion, int) else None,
+        )
