@@ -19,19 +19,21 @@ from gateway.errors import BadGateway, GatewayError
 
 
 async def collect(first: bytes, rest: AsyncIterator[bytes], *, chat: bool) -> dict[str, Any]:
-    """The whole answer from a stream's events (``first`` already read); BadGateway if the
-    stream breaks off, carries an error, or is not JSON."""
+    """The whole answer from a stream's batches of events (``first`` already read);
+    BadGateway if the stream breaks off, carries an error, or is not JSON."""
     assembler = Assembler(chat)
-    event = first
-    while not sse.is_done(event):
-        chunk = sse.parse(event)
-        if chunk is None or ("error" in chunk and "choices" not in chunk):
-            raise _in_band_error(chunk)
-        assembler.add(chunk)
-        event = await anext(rest, b"")
-        if not event:
+    batch = first
+    while True:
+        for event in sse.events(batch):
+            if sse.is_done(event):
+                return assembler.answer()
+            chunk = sse.parse(event)
+            if chunk is None or ("error" in chunk and "choices" not in chunk):
+                raise _in_band_error(chunk)
+            assembler.add(chunk)
+        batch = await anext(rest, b"")
+        if not batch:
             raise BadGateway("the upstream ended its answer early", code="bad_upstream_response")
-    return assembler.answer()
 
 
 def _in_band_error(chunk: dict[str, Any] | None) -> GatewayError:

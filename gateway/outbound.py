@@ -118,20 +118,30 @@ class UpstreamResponse:
             self._response.release()
 
     async def events(self) -> AsyncIterator[bytes]:
-        """Server-sent events, one at a time, each with its trailing blank line."""
+        """Server-sent events in batches: each item is every complete event that had arrived
+        (one or more, each with its trailing blank line). A burst of tokens then costs one
+        step of this generator and one write to the client, not one per token."""
         content = self._response.content
+        pending = b""
         while True:
             try:
-                event = await content.readuntil(b"\n\n", max_size=MAX_EVENT_BYTES)
-            except TimeoutError as exc:
+                data = await content.readany()
+            except TimeoutError as exc:  # before the connection errors: it is one too
                 raise UpstreamTimeout("the upstream sent nothing within the read timeout") from exc
             except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
                 raise BadGateway(f"the upstream broke off the stream: {exc}") from exc
-            except ValueError as exc:  # LineTooLong
-                raise BadGateway("the upstream sent an oversized event") from exc
-            if not event:
-                return
-            yield event
+            if not data:
+                return  # end of stream; an unfinished event is not an event
+            if pending:
+                data = pending + data
+            end = data.rfind(b"\n\n")
+            if end < 0:
+                if len(data) > MAX_EVENT_BYTES:
+                    raise BadGateway("the upstream sent an oversized event")
+                pending = data
+                continue
+            pending = data[end + 2 :]
+            yield data[: end + 2]
 
     def abort(self) -> None:
         """Drop the connection. vLLM notices the disconnect and aborts the request."""

@@ -17,12 +17,12 @@ the stream under :meth:`Drain.stream` (an in-band error if cut).
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
 
+import orjson
 from starlette.types import Receive, Scope, Send
 
 from gateway import sse
@@ -284,4 +284,4 @@ class _Responder:
 
 
 def _encode(body: dict[str, Any]) -> bytes:
-    return json.dumps(body, ensure_ascii=False).encode()
+    return orjson.dumps(body)

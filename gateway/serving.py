@@ -27,11 +27,12 @@ a failure ends the answer (in band for a stream, 502/504 for a collected answer)
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, replace
 from typing import Any
+
+import orjson
 
 from gateway import sse
 from gateway.chunks import collect
@@ -217,7 +218,7 @@ class Serving:
         # the usage chunk again for a client that did not ask for it.
         body["stream"] = True
         body["stream_options"] = {"include_usage": True}
-        raw = json.dumps(body, ensure_ascii=False).encode()
+        raw = orjson.dumps(body)
         headers = {"Content-Type": "application/json", "X-Request-Id": life.exchange.request_id}
         url = upstream.base_url + PATHS[step.request.endpoint]
         try:
@@ -294,20 +295,22 @@ class Serving:
         ex = life.exchange
         upstream = ex.upstream
         assert upstream is not None
-        event = first_event(opened.first) if first_event else opened.first
+        batch = opened.first
+        if first_event is not None:
+            first, rest = sse.first_and_rest(batch)
+            batch = first_event(first) + rest
         while True:
-            if sse.is_done(event):
+            done = sse.is_done(batch)
+            if sse.has_usage_only(batch):
+                batch = self._take_usage_chunk(ex, batch, keep=step.request.include_usage)
+            if done:
                 life.finish_response(clean=True)
-                yield event
+            if batch:
+                yield batch
+            if done:
                 return
-            if sse.is_usage_only(event):
-                _take_usage(ex, sse.parse(event) or {})
-                if step.request.include_usage:
-                    yield event
-            else:
-                yield event
             try:
-                event = await anext(opened.rest, b"")
+                batch = await anext(opened.rest, b"")
             except GatewayError as exc:
                 if ex.deadline_hit:
                     error: GatewayError = self._upstream_deadline(step.task)
@@ -315,18 +318,28 @@ class Serving:
                     error = exc
                     self._upstreams.failed(upstream, exc.message)
                 ex.fail(error.status, outcome_for(error), error.code)
-                yield sse.error_event(error)
-                yield sse.DONE
+                yield sse.error_event(error) + sse.DONE
                 return
-            if not event:
+            if not batch:
                 error = BadGateway(
                     "the upstream ended the stream early", code="bad_upstream_response"
                 )
                 self._upstreams.failed(upstream, error.message)
                 ex.fail(error.status, "upstream_error", error.code)
-                yield sse.error_event(error)
-                yield sse.DONE
+                yield sse.error_event(error) + sse.DONE
                 return
+
+    @staticmethod
+    def _take_usage_chunk(ex: Exchange, batch: bytes, *, keep: bool) -> bytes:
+        """Record the usage chunk's counts; drop it from the batch unless the client asked."""
+        kept = []
+        for event in sse.events(batch):
+            if sse.is_usage_only(event):
+                _take_usage(ex, sse.parse(event) or {})
+                if not keep:
+                    continue
+            kept.append(event)
+        return b"".join(kept)
 
     def _upstream_deadline(self, task: Task) -> DeadlineExceeded:
         self._metrics.deadline_exceeded.labels(task.name, "upstream").inc()

@@ -1,23 +1,49 @@
-"""Server-sent events as vLLM writes them: ``data: <json>\\n\\n`` and ``data: [DONE]\\n\\n``."""
+"""Server-sent events as vLLM writes them: ``data: <json>\\n\\n`` and ``data: [DONE]\\n\\n``.
+
+The relay moves *batches*: all the complete events that had arrived when it looked, as one
+bytes object (see :meth:`gateway.outbound.UpstreamResponse.events`). A batch is forwarded
+whole; only the rare batch that needs a change (the usage chunk a client did not ask for,
+the first chunk of a two-step task) is split into its events.
+
+JSON is orjson's: measured here, 1.4 us to parse a chunk against 9.0 us for the stdlib, and
+0.9 us against 23.6 us to encode a request body (x86_64, 2 cores, Python 3.11).
+"""
 
 from __future__ import annotations
 
-import json
+from collections.abc import Iterator
 from typing import Any
+
+import orjson
 
 from gateway.errors import GatewayError
 
 DONE = b"data: [DONE]\n\n"
 _PREFIX = b"data: "
+_END = b"\n\n"
 
 
 def encode(obj: Any) -> bytes:
-    return b"data: " + json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
+    return _PREFIX + orjson.dumps(obj) + _END
 
 
 def error_event(error: GatewayError) -> bytes:
     """The in-band form of an error, for streams whose status line has already gone out."""
     return encode(error.envelope())
+
+
+def events(batch: bytes) -> Iterator[bytes]:
+    """The events of a batch, each with its trailing blank line."""
+    start = 0
+    while (end := batch.find(_END, start)) >= 0:
+        yield batch[start : end + 2]
+        start = end + 2
+
+
+def first_and_rest(batch: bytes) -> tuple[bytes, bytes]:
+    """A batch's first event, and the rest of the batch."""
+    end = batch.find(_END) + 2
+    return batch[:end], batch[end:]
 
 
 def payload(event: bytes) -> bytes:
@@ -27,19 +53,22 @@ def payload(event: bytes) -> bytes:
 
 def is_data(event: bytes) -> bool:
     """A complete data event (what vLLM sends); anything else in a stream is garbage."""
-    return event.startswith(_PREFIX) and event.endswith(b"\n\n")
+    return event.startswith(_PREFIX) and event.endswith(_END)
 
 
-def is_done(event: bytes) -> bool:
-    return event.startswith(b"data: [DONE]")
+def is_done(batch: bytes) -> bool:
+    """The event, or the batch, ends the stream."""
+    return batch.endswith(DONE)
+
+
+def has_usage_only(batch: bytes) -> bool:
+    """The batch may hold the final usage chunk vLLM sends when ``include_usage`` is on: no
+    choices, just usage. Checked on bytes so the common content batch costs no parse."""
+    return b'"choices":[]' in batch and b'"usage":{' in batch
 
 
 def is_usage_only(event: bytes) -> bool:
-    """The final usage chunk vLLM sends when ``include_usage`` is on: no choices, just usage.
-
-    Checked on bytes first so the common content chunk costs no JSON parse.
-    """
-    return b'"choices":[]' in event and b'"usage":{' in event
+    return has_usage_only(event)
 
 
 def parse(event: bytes) -> dict[str, Any] | None:
@@ -48,7 +77,7 @@ def parse(event: bytes) -> dict[str, Any] | None:
     if not data.startswith(b"{"):
         return None
     try:
-        obj = json.loads(data)
-    except ValueError:
+        obj = orjson.loads(data)
+    except orjson.JSONDecodeError:
         return None
     return obj if isinstance(obj, dict) else None
