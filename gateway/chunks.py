@@ -24,13 +24,15 @@ async def collect(first: bytes, rest: AsyncIterator[bytes], *, chat: bool) -> di
     assembler = Assembler(chat)
     batch = first
     while True:
-        for event in sse.events(batch):
-            if sse.is_done(event):
-                return assembler.answer()
-            chunk = sse.parse(event)
-            if chunk is None or ("error" in chunk and "choices" not in chunk):
-                raise _in_band_error(chunk)
+        chunks = sse.parse_batch(batch)
+        if chunks is None:  # not plain data events: find the bad one
+            chunks = [sse.parse(event) for event in sse.events(batch) if not sse.is_done(event)]
+        for chunk in chunks:
+            if not isinstance(chunk, dict) or ("error" in chunk and "choices" not in chunk):
+                raise _in_band_error(chunk if isinstance(chunk, dict) else None)
             assembler.add(chunk)
+        if sse.is_done(batch):
+            return assembler.answer()
         batch = await anext(rest, b"")
         if not batch:
             raise BadGateway("the upstream ended its answer early", code="bad_upstream_response")
@@ -71,21 +73,28 @@ class Assembler:
                 self._add_choice(choice)
 
     def _add_choice(self, choice: dict[str, Any]) -> None:
-        for key in ("finish_reason", "stop_reason"):
-            if choice.get(key) is not None:
-                self._choice[key] = choice[key]
+        # Runs once per token: the common case (text, no finish) touches three keys.
+        if choice.get("finish_reason") is not None:
+            self._choice["finish_reason"] = choice["finish_reason"]
+            if choice.get("stop_reason") is not None:
+                self._choice["stop_reason"] = choice["stop_reason"]
         if self._chat:
-            delta = choice.get("delta") or {}
-            if delta.get("content"):
-                self._text.append(delta["content"])
-            if delta.get("reasoning_content"):
-                self._reasoning.append(delta["reasoning_content"])
-            for call in delta.get("tool_calls") or ():
-                self._add_tool_call(call)
+            delta = choice.get("delta")
+            if delta:
+                if delta.get("content"):
+                    self._text.append(delta["content"])
+                if len(delta) > 1 or "content" not in delta:
+                    self._add_rare(delta)
         elif choice.get("text"):
             self._text.append(choice["text"])
         if choice.get("logprobs"):
             self._add_logprobs(choice["logprobs"])
+
+    def _add_rare(self, delta: dict[str, Any]) -> None:
+        if delta.get("reasoning_content"):
+            self._reasoning.append(delta["reasoning_content"])
+        for call in delta.get("tool_calls") or ():
+            self._add_tool_call(call)
 
     def _add_tool_call(self, call: dict[str, Any]) -> None:
         # A tool call arrives in pieces keyed by its index: id, type and name once, the

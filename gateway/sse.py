@@ -71,6 +71,23 @@ def is_usage_only(event: bytes) -> bool:
     return has_usage_only(event)
 
 
+def parse_batch(batch: bytes) -> list[Any] | None:
+    """Every data event of a batch (``[DONE]`` left out), decoded in one go: the events'
+    payloads joined into one JSON array, so a burst of 50 chunks is one orjson call. None if
+    the batch is anything but plain ``data: {...}`` events (then parse them one by one)."""
+    if batch.endswith(DONE):
+        batch = batch[: -len(DONE)]
+    if not batch:
+        return []
+    if not batch.startswith(b"data: {") or not batch.endswith(b"}\n\n"):
+        return None
+    try:
+        items = orjson.loads(b"[" + batch[6:-2].replace(b"\n\ndata: ", b",") + b"]")
+    except orjson.JSONDecodeError:
+        return None
+    return items if isinstance(items, list) else None
+
+
 def parse(event: bytes) -> dict[str, Any] | None:
     """The JSON object of a data event, or None for anything else."""
     data = payload(event)
