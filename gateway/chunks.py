@@ -18,10 +18,10 @@ from gateway import sse
 from gateway.errors import BadGateway, GatewayError
 
 
-async def collect(first: bytes, rest: AsyncIterator[bytes], *, chat: bool) -> dict[str, Any]:
-    """The whole answer from a stream's batches of events (``first`` already read);
-    BadGateway if the stream breaks off, carries an error, or is not JSON."""
-    assembler = Assembler(chat)
+async def collect(first: bytes, rest: AsyncIterator[bytes], assembler: Assembler) -> dict[str, Any]:
+    """The whole answer from a stream's batches of events (``first`` already read), folded
+    into ``assembler`` (which may hold an earlier segment's); BadGateway if the stream breaks
+    off, carries an error, or is not JSON."""
     batch = first
     while True:
         chunks = sse.parse_batch(batch)
@@ -60,6 +60,14 @@ class Assembler:
         self._logprobs: dict[str, Any] | None = None
         self._choice: dict[str, Any] = {"index": 0, "finish_reason": None}
         self._usage: Any = None
+        self.tokens = 0  # chunks with text: vLLM streams one per decoded token
+
+    @property
+    def text(self) -> str:
+        return "".join(self._text)
+
+    def set_usage(self, usage: Any) -> None:
+        self._usage = usage
 
     def add(self, chunk: dict[str, Any]) -> None:
         if not self._head:
@@ -83,10 +91,12 @@ class Assembler:
             if delta:
                 if delta.get("content"):
                     self._text.append(delta["content"])
+                    self.tokens += 1
                 if len(delta) > 1 or "content" not in delta:
                     self._add_rare(delta)
         elif choice.get("text"):
             self._text.append(choice["text"])
+            self.tokens += 1
         if choice.get("logprobs"):
             self._add_logprobs(choice["logprobs"])
 

@@ -36,7 +36,9 @@ class ClassPolicy:
     ``max_queued`` bounds how many requests of this class may wait in the gateway.
     ``max_wait_s`` is how far behind the class may fall while more important work waits
     before it admits no more (by default the gap to the class above: the age at which its
-    requests would start to outrank that class's fresh ones).
+    requests would start to outrank that class's fresh ones). ``max_preemptions`` is how many
+    times one request of the class may be paused for more important work and resumed later
+    (0: never paused); it bounds what preemption can add to the class's wait.
     """
 
     name: str
@@ -45,6 +47,7 @@ class ClassPolicy:
     reserve: float
     max_queued: int
     max_wait_s: float = math.inf
+    max_preemptions: int = 0
 
     def reserved_slots(self, window: int) -> int:
         """Slots of a ``window``-wide upstream this class may not use.
@@ -58,10 +61,19 @@ class ClassPolicy:
 DEFAULT_POLICIES: tuple[ClassPolicy, ...] = (
     ClassPolicy("realtime", 0, head_start_s=40.0, reserve=0.0, max_queued=64),
     ClassPolicy("interactive", 1, head_start_s=30.0, reserve=0.1, max_queued=64, max_wait_s=10),
-    ClassPolicy("standard", 2, head_start_s=20.0, reserve=0.2, max_queued=128, max_wait_s=10),
-    ClassPolicy("batch", 3, head_start_s=10.0, reserve=0.3, max_queued=256, max_wait_s=10),
-    ClassPolicy("background", 4, head_start_s=0.0, reserve=0.4, max_queued=256, max_wait_s=10),
-)
+    ClassPolicy(
+        "standard", 2, head_start_s=20.0, reserve=0.2, max_queued=128, max_wait_s=10,
+        max_preemptions=2,
+    ),
+    ClassPolicy(
+        "batch", 3, head_start_s=10.0, reserve=0.3, max_queued=256, max_wait_s=10,
+        max_preemptions=4,
+    ),
+    ClassPolicy(
+        "background", 4, head_start_s=0.0, reserve=0.4, max_queued=256, max_wait_s=10,
+        max_preemptions=8,
+    ),
+)  # fmt: skip
 
 
 class ClassTable:

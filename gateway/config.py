@@ -121,7 +121,9 @@ def _parse_classes(raw: Mapping[str, Any]) -> ClassTable:
     for default in DEFAULT_POLICIES:
         path = f"classes.{default.name}"
         body = _table(raw, default.name, "classes")
-        _no_unknown_keys(body, {"head_start_s", "reserve", "max_queued", "max_wait_s"}, path)
+        _no_unknown_keys(
+            body, {"head_start_s", "reserve", "max_queued", "max_wait_s", "max_preemptions"}, path
+        )
         max_wait = body.get("max_wait_s")
         if max_wait is not None:
             max_wait = _positive(_require(body, "max_wait_s", float, path), f"{path}.max_wait_s")
@@ -140,6 +142,12 @@ def _parse_classes(raw: Mapping[str, Any]) -> ClassTable:
                 reserve=reserve,
                 max_queued=_positive(
                     _get(body, "max_queued", int, default.max_queued, path), f"{path}.max_queued"
+                ),
+                max_preemptions=int(
+                    _non_negative(
+                        _get(body, "max_preemptions", int, default.max_preemptions, path),
+                        f"{path}.max_preemptions",
+                    )
                 ),
             )
         )

@@ -8,10 +8,11 @@ clock is the event loop's, so scheduler times and timer times agree.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 from gateway.errors import DeadlineExceeded, GatewayError, RateLimited, ServiceUnavailable
 from gateway.metrics import Metrics
-from gateway.scheduler import Dispatch, Expiry, Rejected, Scheduler, State, Ticket
+from gateway.scheduler import Dispatch, Expiry, Preempt, Rejected, Scheduler, State, Ticket
 
 
 class Dispatcher:
@@ -22,6 +23,7 @@ class Dispatcher:
         self._metrics = metrics
         self._loop = asyncio.get_running_loop()
         self._waiters: dict[Ticket, asyncio.Future[None]] = {}
+        self._pausers: dict[Ticket, Callable[[], None]] = {}
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
 
@@ -45,6 +47,20 @@ class Dispatcher:
             )
         for victim in admission.shed:
             self._shed(victim)
+        await self._wait(ticket)
+
+    async def requeue(self, ticket: Ticket) -> None:
+        """Wait until a preempted (and released) ticket is dispatched again; no admission."""
+        self.scheduler.requeue(ticket, self.now())
+        await self._wait(ticket)
+
+    def on_preempt(self, ticket: Ticket, pause: Callable[[], None]) -> None:
+        """The next time ``ticket`` is dispatched, ``pause()`` is how the scheduler may take its
+        slot back: it must stop the upstream call and, soon after, release the ticket. Set it
+        before each acquire or requeue (a release forgets it)."""
+        self._pausers[ticket] = pause
+
+    async def _wait(self, ticket: Ticket) -> None:
         waiter = self._loop.create_future()
         self._waiters[ticket] = waiter
         self._pump()
@@ -61,6 +77,7 @@ class Dispatcher:
     def release(self, ticket: Ticket) -> None:
         """A dispatched request is finished, whatever its outcome: free its slot."""
         if ticket.state is State.DISPATCHED:
+            self._pausers.pop(ticket, None)
             self.scheduler.release(ticket, self.now())
             self._pump()
 
@@ -74,6 +91,13 @@ class Dispatcher:
                 if item.ticket.boosted:
                     self._metrics.boosts.labels(item.ticket.policy.name).inc()
                 self._resolve(item.ticket, None)
+            elif isinstance(item, Preempt):
+                self._metrics.preemptions.labels(item.ticket.policy.name).inc()
+                pause = self._pausers.pop(item.ticket, None)
+                if pause is None:
+                    self.scheduler.keep(item.ticket)
+                else:
+                    pause()
             else:
                 self._expire(item)
         self._arm_timer()

@@ -40,6 +40,8 @@ class Exchange:
     boosted: bool = False
     label: str | None = None
     deadline_hit: bool = False  # the deadline closed the upstream call
+    preemptions: int = 0  # times the request was paused for more important work
+    resumed_tokens: int = 0  # tokens kept across those pauses
 
     @property
     def queue_s(self) -> float | None:
@@ -154,6 +156,7 @@ def _log_fields(e: Exchange, now: float) -> dict[str, object]:
         "completion_tokens": e.completion_tokens,
         "degraded": e.degraded,
         "boosted": e.boosted,
+        "preemptions": e.preemptions,
     }
 
 

@@ -63,6 +63,7 @@ class Lifecycle:
         self.ticket: Ticket | None = None
         self.response: Closable | None = None
         self.timer: asyncio.TimerHandle | None = None
+        self.paused = False  # the scheduler took the slot back; the call is being cut
         self._tenant: Tenant | None = None
         self._clock = clock
         self._release = release
@@ -74,10 +75,17 @@ class Lifecycle:
         tenant.admit(self._clock())
         self._tenant = tenant
 
-    def finish_response(self, *, clean: bool) -> None:
+    def pause(self) -> None:
+        """Cut the upstream call so its slot can be taken back (see gateway.resume); the
+        serving code sees the cut, releases the ticket and queues it again."""
+        self.paused = True
+        if self.response is not None:
+            self.response.abort()
+
+    def finish_response(self, *, clean: bool, keep_timer: bool = False) -> None:
         """Done with the upstream response: keep its connection (clean) or drop it."""
         response, self.response = self.response, None
-        if self.timer is not None:
+        if self.timer is not None and not keep_timer:
             self.timer.cancel()
             self.timer = None
         if response is None:

@@ -114,6 +114,16 @@ class Metrics:
             "gateway_degraded_total", "Requests served with a degraded policy under overload.",
             ["task"], registry=registry,
         )  # fmt: skip
+        self.preemptions = Counter(
+            "gateway_preemptions_total",
+            "Requests paused at their upstream for more important work (resumed later).",
+            ["priority_class"], registry=registry,
+        )  # fmt: skip
+        self.resumed_tokens = Counter(
+            "gateway_resumed_tokens_total",
+            "Tokens a preempted request kept rather than generating again when resumed.",
+            ["priority_class"], registry=registry,
+        )  # fmt: skip
         self.shed = Counter(
             "gateway_shed_total", "Queued requests evicted for a more important arrival.",
             ["priority_class"], registry=registry,
@@ -173,6 +183,8 @@ class Metrics:
                 self.rejections.labels(pclass, reason)
             self.boosts.labels(pclass)
             self.shed.labels(pclass)
+            self.preemptions.labels(pclass)
+            self.resumed_tokens.labels(pclass)
         for upstream in upstreams:
             for gauge in (
                 self.upstream_up, self.upstream_running, self.upstream_waiting,

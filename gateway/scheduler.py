@@ -57,6 +57,9 @@ class Ticket:
     need_s: float = 0.0
     tenant: str = ""
     avoid: frozenset[str] = frozenset()
+    preemptible: bool = False  # the request can be paused and resumed (see gateway.serving)
+    preemptions: int = 0
+    preempting: bool = False  # asked to pause; its slot is still taken until it is released
     state: State = State.NEW
     seq: int = -1
     upstream: str | None = None
@@ -68,6 +71,11 @@ class Ticket:
     def key(self) -> float:
         """Queue order: smaller goes first. Equal to ``now - effective_priority(now)``."""
         return self.arrival - self.policy.head_start_s
+
+    @property
+    def reclaimable(self) -> bool:
+        """Its slot can be taken back for more important work (it may be preempted again)."""
+        return self.preemptible and self.preemptions < self.policy.max_preemptions
 
     @property
     def expires_at(self) -> float:
@@ -98,6 +106,14 @@ class Rejected:
 @dataclass(frozen=True, slots=True)
 class Dispatch:
     """A ticket released to ``ticket.upstream`` at ``ticket.effective_priority``."""
+
+    ticket: Ticket
+
+
+@dataclass(frozen=True, slots=True)
+class Preempt:
+    """Pause ``ticket`` at its upstream: a more important request needs its slot. The slot is
+    freed when the ticket is released; the request then comes back with :meth:`requeue`."""
 
     ticket: Ticket
 
@@ -153,6 +169,8 @@ class Scheduler:
         self._seq = itertools.count()
         self._queued = 0
         self.completions = CompletionRate()
+        self._running: dict[Ticket, None] = {}  # dispatched, in dispatch order
+        self._preempting = 0
         # When each class last had work left waiting after a dispatch round.
         self._waited_at: dict[str, float] = {}
 
@@ -276,6 +294,17 @@ class Scheduler:
             self._remove(ticket, State.WITHDRAWN)
             self._left_queue()
 
+    def requeue(self, ticket: Ticket, now: float) -> None:
+        """Queue a preempted ticket again, past admission (it was admitted once) and at its
+        old place: its arrival, so its aged priority, is kept. Its queue deadline no longer
+        applies (it already waited and started); its total deadline still does."""
+        ticket.seq = next(self._seq)
+        ticket.state = State.QUEUED
+        ticket.queue_deadline = ticket.deadline
+        self._queues[ticket.policy.name].push(ticket)
+        self._queued += 1
+        heapq.heappush(self._expiries, (ticket.expires_at, ticket.seq, ticket))
+
     def _remove(self, ticket: Ticket, state: State) -> None:
         self._queues[ticket.policy.name].remove(ticket)
         self._queued -= 1
@@ -313,12 +342,14 @@ class Scheduler:
 
     # -- dispatch --------------------------------------------------------------------
 
-    def dispatch(self, now: float) -> list[Dispatch | Expiry]:
+    def dispatch(self, now: float) -> list[Dispatch | Expiry | Preempt]:
         """Release every ticket that fits into a window now, best key first.
 
-        Also returns tickets found expired on the way, so the caller can answer them.
+        Also returns tickets found expired on the way, so the caller can answer them, and, when
+        the best waiting ticket fits nowhere, a running ticket to pause for it (one at a time:
+        the next is chosen once that one's slot is free).
         """
-        released: list[Dispatch | Expiry] = list(self.expire(now))
+        released: list[Dispatch | Expiry | Preempt] = list(self.expire(now))
         while (picked := self._pick(now)) is not None:
             ticket, window = picked
             self._queues[ticket.policy.name].take(ticket)
@@ -333,7 +364,13 @@ class Scheduler:
                 len(self._queues[p.name]) > 0 for p in self.classes.ordered[: ticket.policy.rank]
             )
             window.inflight += 1
+            self._running[ticket] = None
             released.append(Dispatch(ticket))
+        if self._preempting == 0 and (victim := self._victim(now)) is not None:
+            victim.preempting = True
+            victim.preemptions += 1
+            self._preempting += 1
+            released.append(Preempt(victim))
         for name, queue in self._queues.items():
             if queue:
                 self._waited_at[name] = now
@@ -347,10 +384,42 @@ class Scheduler:
                 return ticket, window
         return None
 
+    def keep(self, ticket: Ticket) -> None:
+        """A preemption could not be carried out (nothing to pause): the ticket runs on."""
+        if ticket.preempting:
+            ticket.preempting = False
+            ticket.preemptions -= 1
+            self._preempting -= 1
+
+    def _victim(self, now: float) -> Ticket | None:
+        """The running ticket to pause for the best waiting one, if that one fits nowhere:
+        of a less important class and behind it in the queue's order even after aging (so
+        the aging bound holds), reclaimable, on a usable upstream; the least important class
+        first, and within it the most recently started (the least work to set aside)."""
+        heads = [t for q in self._queues.values() if (t := q.head()) is not None]
+        if not heads:
+            return None
+        waiting = min(heads, key=lambda t: (t.key, t.seq))
+        candidates = [
+            t
+            for t in self._running
+            if t.reclaimable
+            and not t.preempting
+            and t.policy.rank > waiting.policy.rank
+            and t.key > waiting.key
+            and t.upstream is not None
+            and self.windows[t.upstream].usable
+        ]
+        if not candidates:
+            return None
+        return max(candidates, key=lambda t: (t.policy.rank, t.dispatched_at or 0.0))
+
     def _window_for(self, ticket: Ticket, now: float) -> Window | None:
         # A ticket aged to the top priority ignores headroom: otherwise a steady stream of
-        # realtime work would keep the window too full for it, and it would starve.
-        promoted = now - ticket.key >= self.classes.top_head_start_s
+        # realtime work would keep the window too full for it, and it would starve. So does a
+        # ticket whose slot can be taken back (work conserving: a reserve is a right to
+        # preempt, not idle capacity).
+        promoted = now - ticket.key >= self.classes.top_head_start_s or ticket.reclaimable
         windows: Iterable[Window] = self.windows.values()
         if ticket.avoid:
             others = [w for w in windows if w.usable and w.name not in ticket.avoid]
@@ -369,10 +438,16 @@ class Scheduler:
         if ticket.state is not State.DISPATCHED or ticket.upstream is None:
             return
         ticket.state = State.DONE
+        self._running.pop(ticket, None)
+        paused = ticket.preempting
+        if paused:
+            ticket.preempting = False
+            self._preempting -= 1
         window = self.windows.get(ticket.upstream)
         if window is not None:
             window.inflight -= 1
-        self.completions.record(now)
+        if not paused:  # a pause is not a completion: it would inflate the drain rate
+            self.completions.record(now)
 
 
 def _live(entry: tuple[float, int, Ticket]) -> bool:
@@ -386,6 +461,7 @@ __all__ = [
     "CompletionRate",
     "Dispatch",
     "Expiry",
+    "Preempt",
     "Rejected",
     "Scheduler",
     "State",

@@ -29,13 +29,14 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any
 
 import orjson
 
 from gateway import sse
-from gateway.chunks import collect
+from gateway.calls import Call, Fault, Opened, dispatched, read_first_event, take_usage
+from gateway.chunks import Assembler, collect
 from gateway.classes import to_vllm_priority
 from gateway.config import Task
 from gateway.dispatch import Dispatcher
@@ -50,8 +51,9 @@ from gateway.exchange import Exchange, outcome_for
 from gateway.input_limit import fit_input
 from gateway.lifecycle import Lifecycle
 from gateway.metrics import Metrics
-from gateway.outbound import UpstreamClient, UpstreamRejected, UpstreamResponse, upstream_error
+from gateway.outbound import UpstreamClient, UpstreamRejected
 from gateway.protocol import build_upstream_body, granted_max_tokens
+from gateway.resume import Progress, continuation, resumable
 from gateway.scheduler import Ticket
 from gateway.steps import Answer, Ewma, Step, Stream
 from gateway.upstreams import Upstreams
@@ -59,22 +61,6 @@ from gateway.upstreams import Upstreams
 log = logging.getLogger("gateway.serving")
 
 PATHS = {"chat": "/v1/chat/completions", "completions": "/v1/completions"}
-
-
-@dataclass(slots=True)
-class _Opened:
-    """An upstream stream whose first event has arrived."""
-
-    first: bytes
-    rest: AsyncIterator[bytes]
-
-
-class _Fault(Exception):
-    """An attempt failed through the upstream's fault before anything was generated."""
-
-    def __init__(self, error: GatewayError) -> None:
-        super().__init__(error.message)
-        self.error = error
 
 
 class Serving:
@@ -102,16 +88,18 @@ class Serving:
         """Run the step for the request ``life`` owns, up to its result."""
         headers: dict[str, str] = {}
         max_tokens = self._degrade(life.exchange, step, headers)
-        ticket = await self._dispatch(life, step)
+        # A two-step task's reply (first_event) is not paused: its first chunk is rewritten.
+        ticket = await self._dispatch(life, step, pausable=first_event is None)
+        call = Call(step, ticket, max_tokens, Progress(step.request.endpoint == "chat"))
         try:
             async with asyncio.timeout_at(ticket.deadline):
-                step, opened = await self._open(life, step, ticket, max_tokens, headers)
+                opened = await self._open(life, call, headers)
                 if not step.request.stream:
-                    return Answer(await self._collect(life, step, opened), headers)
+                    return Answer(await self._collect(life, call, opened), headers)
         except TimeoutError:
             raise self._upstream_deadline(step.task) from None
         self._arm_deadline(life, ticket.deadline)
-        return Stream(self._relay(life, step, opened, first_event), headers)
+        return Stream(self._relay(life, call, opened, first_event), headers)
 
     # -- before the upstream ---------------------------------------------------------
 
@@ -129,7 +117,7 @@ class Serving:
         headers["X-Degraded"] = f"max_tokens={policy.max_tokens}"
         return policy.max_tokens
 
-    async def _dispatch(self, life: Lifecycle, step: Step) -> Ticket:
+    async def _dispatch(self, life: Lifecycle, step: Step, *, pausable: bool) -> Ticket:
         """Queue the step and wait for its turn; the ticket names the upstream it got."""
         if not self._upstreams.any_up():
             raise ServiceUnavailable(
@@ -149,18 +137,22 @@ class Serving:
             tenant=step.tenant,
         )
         life.ticket = ticket
+        if pausable and resumable(step):
+            ticket.preemptible = True
+            self._dispatcher.on_preempt(ticket, life.pause)
         await self._dispatcher.acquire(ticket)
-        _dispatched(ex, ticket)
+        dispatched(ex, ticket)
         return ticket
 
     # -- opening, with failover --------------------------------------------------------
 
     async def _open(
-        self, life: Lifecycle, step: Step, ticket: Ticket, max_tokens: int, headers: dict[str, str]
-    ) -> tuple[Step, _Opened]:
+        self, life: Lifecycle, call: Call, headers: dict[str, str], *, counted: bool = False
+    ) -> Opened:
         """Count the input and start the call at the ticket's upstream, failing over while
-        upstreams fail. Returns the step as sent (its input perhaps truncated)."""
-        counted = False
+        upstreams fail (``call.step`` becomes the step as sent: its input perhaps truncated),
+        and queueing it again if it is paused before its first event."""
+        ticket = call.ticket
         tries = 0
         while True:
             tries += 1
@@ -168,10 +160,14 @@ class Serving:
             assert upstream is not None
             try:
                 if not counted:
-                    step = await self._fit(step, upstream, headers)
+                    call.step = await self._fit(call.step, upstream, headers)
                     counted = True
-                opened = await self._attempt(life, step, ticket, max_tokens)
-            except _Fault as fault:
+                opened = await self._attempt(life, call)
+            except Fault as fault:
+                if life.paused:  # not the upstream's fault: the slot was taken back
+                    await self._requeue(life, call)
+                    tries -= 1
+                    continue
                 self._upstreams.failed(upstream, fault.error.message)
                 if tries >= len(self._upstreams.by_name) or not await self._redispatch(
                     life.exchange, ticket, fault.error
@@ -183,9 +179,38 @@ class Serving:
                 raise
             self._upstreams.succeeded(upstream)
             ex = life.exchange
-            ex.first_byte_at = self._dispatcher.now()
-            self.ttft.observe(step.task.name, ex.first_byte_at - (ex.dispatched_at or ex.arrival))
-            return step, opened
+            if call.progress.segment == 0:
+                ex.first_byte_at = self._dispatcher.now()
+                ttft = ex.first_byte_at - (ex.dispatched_at or ex.arrival)
+                self.ttft.observe(call.step.task.name, ttft)
+            return opened
+
+    async def _requeue(self, life: Lifecycle, call: Call) -> None:
+        """The scheduler took the call's slot back: give it up, and wait for a new one at the
+        request's old place in the queue (its arrival, so its aged priority)."""
+        life.paused = False
+        life.finish_response(clean=False, keep_timer=True)
+        ticket = call.ticket
+        self._dispatcher.release(ticket)
+        self._dispatcher.on_preempt(ticket, life.pause)  # again, while it has pauses left
+        life.exchange.preemptions += 1
+        await self._dispatcher.requeue(ticket)
+        dispatched(life.exchange, ticket)
+
+    async def _resume(
+        self, life: Lifecycle, call: Call, generated: tuple[str, int] | None = None
+    ) -> Opened:
+        """Continue a paused call where it stopped, once it has a slot again."""
+        await self._requeue(life, call)
+        call.progress.resumed(generated)
+        tokens = call.progress.tokens
+        self._metrics.resumed_tokens.labels(call.ticket.policy.name).inc(tokens)
+        life.exchange.resumed_tokens += tokens
+        try:
+            async with asyncio.timeout_at(call.ticket.deadline):
+                return await self._open(life, call, {}, counted=True)
+        except TimeoutError:
+            raise self._upstream_deadline(call.step.task) from None
 
     async def _fit(self, step: Step, upstream: str, headers: dict[str, str]) -> Step:
         """The step with its input within the task's budget, counted by ``upstream``."""
@@ -195,25 +220,28 @@ class Serving:
         except BadRequest:
             raise
         except GatewayError as exc:
-            raise _Fault(exc) from exc
+            raise Fault(exc) from exc
         if trimmed is None:
             return step
         headers["X-Input-Truncated"] = f"tokens={trimmed.original_tokens}->{trimmed.kept_tokens}"
         return replace(step, request=request)
 
-    async def _attempt(
-        self, life: Lifecycle, step: Step, ticket: Ticket, max_tokens: int
-    ) -> _Opened:
+    async def _attempt(self, life: Lifecycle, call: Call) -> Opened:
+        ticket, step, progress = call.ticket, call.step, call.progress
         assert ticket.upstream is not None
         upstream = self._upstreams[ticket.upstream]
+        extra: dict[str, Any] = {}
+        if progress.segment:  # resuming: the rest of the answer, after what it has
+            step, extra = continuation(step, progress.text)
         body = build_upstream_body(
             step.task,
             step.request,
-            max_tokens=max_tokens,
+            max_tokens=max(call.max_tokens - progress.tokens, 1),
             priority=to_vllm_priority(ticket.effective_priority),
             model=upstream.model,
             extra_system=step.extra_system,
         )
+        body.update(extra)
         # Always a stream from vLLM (see gateway.chunks), always with usage: the relay drops
         # the usage chunk again for a client that did not ask for it.
         body["stream"] = True
@@ -224,10 +252,12 @@ class Serving:
         try:
             response = await self._client.post(url, raw, headers)
         except GatewayError as exc:
-            raise _Fault(exc) from exc
+            raise Fault(exc) from exc
         life.response = response
+        if life.paused:  # paused while connecting
+            life.response.abort()
         try:
-            return await _first_event(response)
+            return await read_first_event(response)
         except BaseException:
             life.finish_response(clean=False)
             raise
@@ -254,21 +284,30 @@ class Serving:
             " or ".join(others),
         )
         await self._dispatcher.acquire(ticket)
-        _dispatched(ex, ticket)
+        dispatched(ex, ticket)
         return True
 
     # -- after the first event -----------------------------------------------------------
 
-    async def _collect(self, life: Lifecycle, step: Step, opened: _Opened) -> dict[str, Any]:
-        """The whole answer of a non-streaming request, put together from its stream."""
-        try:
-            answer = await collect(opened.first, opened.rest, chat=step.request.endpoint == "chat")
-        except GatewayError as exc:
-            assert life.exchange.upstream is not None
-            self._upstreams.failed(life.exchange.upstream, exc.message)
-            raise
+    async def _collect(self, life: Lifecycle, call: Call, opened: Opened) -> dict[str, Any]:
+        """The whole answer of a non-streaming request, put together from its stream (and
+        from each segment's, if it was paused)."""
+        assembler = Assembler(chat=call.step.request.endpoint == "chat")
+        while True:
+            try:
+                answer = await collect(opened.first, opened.rest, assembler)
+                break
+            except GatewayError as exc:
+                if life.paused:
+                    opened = await self._resume(life, call, (assembler.text, assembler.tokens))
+                    continue
+                assert life.exchange.upstream is not None
+                self._upstreams.failed(life.exchange.upstream, exc.message)
+                raise
         life.finish_response(clean=True)
-        _take_usage(life.exchange, answer)
+        if isinstance(answer.get("usage"), dict):
+            answer["usage"] = call.progress.usage(answer["usage"])
+        take_usage(life.exchange, answer)
         return answer
 
     def _arm_deadline(self, life: Lifecycle, deadline: float) -> None:
@@ -284,50 +323,65 @@ class Serving:
     async def _relay(
         self,
         life: Lifecycle,
-        step: Step,
-        opened: _Opened,
+        call: Call,
+        opened: Opened,
         first_event: Callable[[bytes], bytes] | None,
     ) -> AsyncIterator[bytes]:
-        """Yield the upstream's events as they come, nothing buffered; ``[DONE]`` last.
+        """Yield the upstream's events as they come, in the batches they came in; ``[DONE]``
+        last. A paused call resumes seamlessly (see gateway.resume).
 
         It releases nothing: the request's lifecycle does, whether or not this ever ran.
         """
         ex = life.exchange
-        upstream = ex.upstream
-        assert upstream is not None
+        progress = call.progress if call.ticket.preemptible else None
         batch = opened.first
         if first_event is not None:
             first, rest = sse.first_and_rest(batch)
             batch = first_event(first) + rest
         while True:
             done = sse.is_done(batch)
+            if progress is not None:
+                batch = progress.read(batch)
             if sse.has_usage_only(batch):
-                batch = self._take_usage_chunk(ex, batch, keep=step.request.include_usage)
+                batch = self._take_usage_chunk(ex, batch, keep=call.step.request.include_usage)
             if done:
                 life.finish_response(clean=True)
             if batch:
                 yield batch
             if done:
                 return
+            error: GatewayError | None = None
             try:
                 batch = await anext(opened.rest, b"")
             except GatewayError as exc:
-                if ex.deadline_hit:
-                    error: GatewayError = self._upstream_deadline(step.task)
-                else:
+                error, batch = exc, b""
+            if not batch and life.paused and progress is not None:
+                try:
+                    opened = await self._resume(life, call)
+                except GatewayError as exc:
                     error = exc
-                    self._upstreams.failed(upstream, exc.message)
-                ex.fail(error.status, outcome_for(error), error.code)
-                yield sse.error_event(error) + sse.DONE
-                return
-            if not batch:
+                else:
+                    batch = opened.first
+                    continue
+            if batch:
+                continue
+            yield self._stream_error(life, call, error)
+            return
+
+    def _stream_error(self, life: Lifecycle, call: Call, error: GatewayError | None) -> bytes:
+        """How a stream that broke after its first event ends: an in-band error, [DONE]."""
+        ex = life.exchange
+        if ex.deadline_hit:
+            error = self._upstream_deadline(call.step.task)
+        else:
+            if error is None:
                 error = BadGateway(
                     "the upstream ended the stream early", code="bad_upstream_response"
                 )
-                self._upstreams.failed(upstream, error.message)
-                ex.fail(error.status, "upstream_error", error.code)
-                yield sse.error_event(error) + sse.DONE
-                return
+            if ex.upstream is not None and not isinstance(error, DeadlineExceeded):
+                self._upstreams.failed(ex.upstream, error.message)
+        ex.fail(error.status, outcome_for(error), error.code)
+        return sse.error_event(error) + sse.DONE
 
     @staticmethod
     def _take_usage_chunk(ex: Exchange, batch: bytes, *, keep: bool) -> bytes:
@@ -335,7 +389,7 @@ class Serving:
         kept = []
         for event in sse.events(batch):
             if sse.is_usage_only(event):
-                _take_usage(ex, sse.parse(event) or {})
+                take_usage(ex, sse.parse(event) or {})
                 if not keep:
                     continue
             kept.append(event)
@@ -346,49 +400,4 @@ class Serving:
         return DeadlineExceeded(
             "the request's deadline passed while the upstream was generating; it was cancelled",
             stage="upstream",
-        )
-
-
-async def _first_event(response: UpstreamResponse) -> _Opened:
-    """Wait for the stream's first event, so that every failure until then is a status."""
-    if response.status != 200:
-        error = upstream_error(response.status, await response.read())
-        if isinstance(error, UpstreamRejected):
-            raise error
-        raise _Fault(error)
-    if not response.headers.get("Content-Type", "").startswith("text/event-stream"):
-        raise _Fault(
-            BadGateway(
-                "the upstream answered a stream request without a stream",
-                code="bad_upstream_response",
-            )
-        )
-    events = response.events()
-    try:
-        first = await anext(events, b"")
-    except GatewayError as exc:
-        raise _Fault(exc) from exc
-    if not first:
-        raise _Fault(
-            BadGateway(
-                "the upstream closed the stream without an answer", code="bad_upstream_response"
-            )
-        )
-    return _Opened(first, events)
-
-
-def _dispatched(ex: Exchange, ticket: Ticket) -> None:
-    ex.dispatched_at = ticket.dispatched_at
-    ex.upstream = ticket.upstream
-    ex.priority = to_vllm_priority(ticket.effective_priority)
-    ex.boosted = ticket.boosted
-
-
-def _take_usage(ex: Exchange, answer: dict[str, Any]) -> None:
-    usage = answer.get("usage")
-    if isinstance(usage, dict):
-        prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
-        ex.add_usage(
-            prompt if isinstance(prompt, int) else None,
-            completion if isinstance(completion, int) else None,
         )

@@ -54,6 +54,7 @@ class FakeVllm:
     aborted: int = 0
     finished: int = 0
     tokenize_calls: int = 0
+    words_sent: int = 0  # content chunks written by streams, all requests together
     client_gone: asyncio.Event = field(default_factory=asyncio.Event)
     url: str = ""
     _runner: web.AppRunner | None = None
@@ -164,8 +165,21 @@ class FakeVllm:
         if choice:
             return [choice[0]]
         words = self.behaviour.reply.split(" ")
+        words = [w if i == 0 else " " + w for i, w in enumerate(words)]
+        messages = body.get("messages") or []
+        if body.get("continue_final_message") and messages and messages[-1]["role"] == "assistant":
+            # Continue the partial answer, as vLLM does: the words after it.
+            partial, done = messages[-1]["content"], 0
+            while (
+                done < len(words)
+                and "".join(words[: done + 1])
+                and partial.startswith("".join(words[: done + 1]))
+            ):
+                done += 1
+            words = words[done:]
+            body["_reread"] = done  # the partial answer is read as prompt tokens, as in vLLM
         limit = body.get("max_tokens") or len(words)
-        return [w if i == 0 else " " + w for i, w in enumerate(words)][:limit]
+        return words[:limit]
 
     def _completion(self, body: dict[str, Any], words: list[str], chat: bool) -> dict[str, Any]:
         text = "".join(words)
@@ -181,9 +195,9 @@ class FakeVllm:
             "model": self.model,
             "choices": [choice],
             "usage": {
-                "prompt_tokens": 7,
+                "prompt_tokens": 7 + body.get("_reread", 0),
                 "completion_tokens": len(words),
-                "total_tokens": 7 + len(words),
+                "total_tokens": 7 + body.get("_reread", 0) + len(words),
             },
         }
 
@@ -221,13 +235,14 @@ class FakeVllm:
             if i:
                 await asyncio.sleep(self.behaviour.chunk_delay_s)
             await response.write(chunk({"content": word} if chat else word))
+            self.words_sent += 1
             if i == 0 and self.behaviour.hold_after_first is not None:
                 await self.behaviour.hold_after_first.wait()
         await response.write(chunk({"content": ""} if chat else "", finish="stop"))
         if (body.get("stream_options") or {}).get("include_usage"):
             usage = {
                 "id": "chatcmpl-fake", "object": obj, "created": 0, "model": self.model, "choices": [],
-                "usage": {"prompt_tokens": 7, "completion_tokens": len(words), "total_tokens": 7 + len(words)},
+                "usage": {"prompt_tokens": 7 + body.get("_reread", 0), "completion_tokens": len(words), "total_tokens": 7 + body.get("_reread", 0) + len(words)},
             }  # fmt: skip
             await response.write(
                 b"data: " + json.dumps(usage, separators=(",", ":")).encode() + b"\n\n"

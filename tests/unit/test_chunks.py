@@ -78,7 +78,7 @@ async def test_collect_reads_batches_of_events_until_done() -> None:
         chunk({"content": "b"})
     )
     rest = batches(sse.encode(chunk({"content": "c"}, finish="stop")) + sse.DONE)
-    answer = await collect(first, rest, chat=True)
+    answer = await collect(first, rest, Assembler(chat=True))
     assert answer["choices"][0]["message"]["content"] == "abc"
 
 
@@ -93,7 +93,7 @@ async def test_collect_reads_batches_of_events_until_done() -> None:
 async def test_collect_refuses_a_broken_stream(tail: bytes) -> None:
     first = sse.encode(chunk({"role": "assistant", "content": "a"}))
     with pytest.raises(BadGateway):
-        await collect(first, batches(tail) if tail else batches(), chat=True)
+        await collect(first, batches(tail) if tail else batches(), Assembler(chat=True))
 
 
 def test_a_batch_splits_into_its_events() -> None:

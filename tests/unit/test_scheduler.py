@@ -13,7 +13,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gateway.classes import DEFAULT_POLICIES, ClassPolicy, ClassTable
-from gateway.scheduler import Admitted, Dispatch, Expiry, Rejected, Scheduler, State, Ticket, Window
+from gateway.scheduler import (
+    Admitted,
+    Dispatch,
+    Expiry,
+    Preempt,
+    Rejected,
+    Scheduler,
+    State,
+    Ticket,
+    Window,
+)
 
 CLASSES = ClassTable(DEFAULT_POLICIES)
 #: The classes without their admission limit (max_wait_s), for tests of ordering alone.
@@ -513,3 +523,113 @@ def test_a_ticket_that_leaves_the_queue_leaves_the_expiry_timers_too() -> None:
     s.withdraw(queued[0])
     assert s.timer_entries <= 2 * s.queued
     assert s.next_expiry() == 601.0
+
+
+# -- preemption (the SLA engine) ----------------------------------------------------------
+
+
+def preempted(items: list[Dispatch | Expiry | Preempt]) -> list[Ticket]:
+    return [i.ticket for i in items if isinstance(i, Preempt)]
+
+
+def running_batch(s: Scheduler, n: int, start: float = 0.0) -> list[Ticket]:
+    tickets = []
+    for i in range(n):
+        t = ticket(BATCH, arrival=start + i, preemptible=True)
+        s.admit(t, start + i)
+        assert dispatched(s.dispatch(start + i)) == [t]
+        tickets.append(t)
+    return tickets
+
+
+def test_a_pausable_class_uses_its_reserve_and_gives_it_back_on_demand() -> None:
+    """Work conserving: batch may fill the window; realtime takes a slot back by preemption,
+    from the most recently started batch request, one at a time."""
+    s = scheduler(window=4)
+    _a, _b, c, d = running_batch(s, 4)  # batch's reserve (0.3 of 4) would keep 2 slots free
+    rt1, rt2 = ticket(RT, 10.0), ticket(RT, 10.0)
+    admit_all(s, [rt1, rt2], 10.0)
+    out = s.dispatch(10.0)
+    assert dispatched(out) == []
+    assert preempted(out) == [d]  # the newest batch request
+    assert preempted(s.dispatch(10.1)) == []  # one pause at a time
+    s.release(d, 10.2)
+    out = s.dispatch(10.2)
+    assert dispatched(out) == [rt1]
+    assert preempted(out) == [c]
+    assert d.preemptions == 1
+    s.requeue(d, 10.2)
+    s.release(c, 10.3)
+    assert dispatched(s.dispatch(10.3)) == [rt2]  # realtime first; d waits at its old place
+    s.release(rt1, 11.0)
+    assert dispatched(s.dispatch(11.0)) == [d]  # d (arrived at 3) before c is requeued
+    assert s.completions.per_second(11.0) is not None
+
+
+def test_a_request_is_paused_at_most_its_class_limit() -> None:
+    s = scheduler(window=1)
+    (b,) = running_batch(s, 1)
+    for n in range(BATCH.max_preemptions):
+        rt = ticket(RT, 10.0 + n)
+        s.admit(rt, 10.0 + n)
+        assert preempted(s.dispatch(10.0 + n)) == [b]
+        s.release(b, 10.0 + n)
+        assert dispatched(s.dispatch(10.0 + n)) == [rt]
+        s.requeue(b, 10.0 + n)
+        s.release(rt, 10.5 + n)
+        assert dispatched(s.dispatch(10.5 + n)) == [b]
+    assert not b.reclaimable
+    rt = ticket(RT, 20.0)
+    s.admit(rt, 20.0)
+    assert preempted(s.dispatch(20.0)) == []
+
+
+def test_a_request_aged_past_the_waiting_one_is_not_paused() -> None:
+    """The aging bound holds: a batch request that has waited past a fresh realtime
+    request's priority keeps its slot."""
+    s = scheduler(window=1, classes=UNBOUNDED)
+    b = ticket(BATCH, arrival=0.0, preemptible=True)
+    s.admit(b, 0.0)
+    s.windows["u0"].usable = False
+    s.dispatch(0.0)
+    s.windows["u0"].usable = True
+    assert dispatched(s.dispatch(35.0)) == [b]  # waited 35 s: priority 45 > realtime's 40
+    rt = ticket(RT, 35.0)
+    s.admit(rt, 35.0)
+    assert preempted(s.dispatch(35.0)) == []
+
+
+def test_only_pausable_less_important_work_is_taken_back() -> None:
+    no_reserves = ClassTable(replace(p, reserve=0.0) for p in DEFAULT_POLICIES)
+    s = scheduler(window=2, classes=no_reserves)
+    fixed = ticket(no_reserves["batch"], 0.0)  # not preemptible (e.g. a response format)
+    chat = ticket(no_reserves["interactive"], 0.0, preemptible=True)  # allows no pauses
+    admit_all(s, [fixed, chat], 0.0)
+    s.dispatch(0.0)
+    assert s.windows["u0"].inflight == 2
+    rt = ticket(RT, 1.0)
+    s.admit(rt, 1.0)
+    assert preempted(s.dispatch(1.0)) == []
+
+
+def test_a_pause_that_cannot_be_carried_out_is_taken_back() -> None:
+    s = scheduler(window=1)
+    (b,) = running_batch(s, 1)
+    s.admit(ticket(RT, 5.0), 5.0)
+    assert preempted(s.dispatch(5.0)) == [b]
+    s.keep(b)  # nothing was there to pause it
+    assert (b.preempting, b.preemptions) == (False, 0)
+    assert preempted(s.dispatch(5.1)) == [b]  # it can be asked again
+
+
+def test_a_requeued_request_keeps_its_total_deadline_not_its_queue_deadline() -> None:
+    s = scheduler(window=1)
+    b = ticket(BATCH, 0.0, queue_s=5.0, total_s=100.0, preemptible=True)
+    s.admit(b, 0.0)
+    s.dispatch(0.0)
+    s.admit(ticket(RT, 6.0), 6.0)  # past b's queue deadline, well before its total one
+    assert preempted(s.dispatch(6.0)) == [b]
+    s.release(b, 6.0)
+    s.dispatch(6.0)
+    s.requeue(b, 6.0)
+    assert s.next_expiry() == 100.0
