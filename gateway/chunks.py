@@ -60,14 +60,20 @@ class Assembler:
         self._logprobs: dict[str, Any] | None = None
         self._choice: dict[str, Any] = {"index": 0, "finish_reason": None}
         self._usage: Any = None
-        self.tokens = 0  # chunks with text: vLLM streams one per decoded token
+        self._chunks = 0  # chunks with text
 
     @property
     def text(self) -> str:
         return "".join(self._text)
 
-    def set_usage(self, usage: Any) -> None:
-        self._usage = usage
+    @property
+    def tokens(self) -> int:
+        """Tokens generated in the current segment's stream: the usage's count when the
+        stream carries it in every chunk (exact), else the chunks with text (an undercount
+        when a token held no whole character)."""
+        if isinstance(self._usage, dict) and isinstance(self._usage.get("completion_tokens"), int):
+            return int(self._usage["completion_tokens"])
+        return self._chunks
 
     def add(self, chunk: dict[str, Any]) -> None:
         if not self._head:
@@ -91,12 +97,12 @@ class Assembler:
             if delta:
                 if delta.get("content"):
                     self._text.append(delta["content"])
-                    self.tokens += 1
+                    self._chunks += 1
                 if len(delta) > 1 or "content" not in delta:
                     self._add_rare(delta)
         elif choice.get("text"):
             self._text.append(choice["text"])
-            self.tokens += 1
+            self._chunks += 1
         if choice.get("logprobs"):
             self._add_logprobs(choice["logprobs"])
 

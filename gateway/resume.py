@@ -69,6 +69,11 @@ class Progress:
     def text(self) -> str:
         return "".join(self._text)
 
+    @property
+    def before(self) -> int:
+        """Tokens generated in earlier segments."""
+        return self._before
+
     def resumed(self, generated: tuple[str, int] | None = None) -> None:
         """A new segment starts (after a pause). ``generated``: the text and token count so
         far, when something else read them (a collected answer's assembler); by default
@@ -79,19 +84,17 @@ class Progress:
         self._before = self.tokens
 
     def read(self, batch: bytes) -> bytes:
-        """Note the batch's text; return what the client gets (rewritten after a pause)."""
+        """Note the batch's text and tokens; return what the client gets: without the
+        per-chunk usage asked for to count tokens, and after a pause as the first segment."""
         chunks = sse.parse_batch(batch)
         if chunks is None:  # not plain data events: pass it on untouched
             return batch
-        if self.segment == 0:
-            for chunk in chunks:
-                self._note(chunk)
-            return batch
         out = []
         for chunk in chunks:
-            if isinstance(chunk, dict) and not self._is_role_only(chunk):
-                self._note(chunk)
-                out.append(sse.encode(self._as_first_segment(chunk)))
+            if not isinstance(chunk, dict) or (self.segment and self._is_role_only(chunk)):
+                continue
+            self._note(chunk)
+            out.append(sse.encode(self._as_first_segment(chunk)))
         return b"".join(out) + (sse.DONE if sse.is_done(batch) else b"")
 
     def usage(self, usage: dict[str, Any]) -> dict[str, Any]:
@@ -105,9 +108,7 @@ class Progress:
             fixed["completion_tokens"] = usage["completion_tokens"] + self._before
         return fixed
 
-    def _note(self, chunk: Any) -> None:
-        if not isinstance(chunk, dict):
-            return
+    def _note(self, chunk: dict[str, Any]) -> None:
         if not self._head:
             self._head = {k: chunk[k] for k in ("id", "created", "model") if k in chunk}
         for choice in chunk.get("choices") or ():
@@ -115,6 +116,10 @@ class Progress:
             if text:
                 self._text.append(text)
                 self.tokens += 1
+        usage = chunk.get("usage")
+        if isinstance(usage, dict) and isinstance(usage.get("completion_tokens"), int):
+            # Exact (vLLM holds back text of a partial character, so chunks undercount).
+            self.tokens = self._before + usage["completion_tokens"]
 
     def _is_role_only(self, chunk: dict[str, Any]) -> bool:
         choices = chunk.get("choices")
@@ -126,7 +131,10 @@ class Progress:
         )
 
     def _as_first_segment(self, chunk: dict[str, Any]) -> dict[str, Any]:
-        chunk.update(self._head)
-        if isinstance(chunk.get("usage"), dict):
+        if self.segment:
+            chunk.update(self._head)
+        if chunk.get("choices"):
+            chunk.pop("usage", None)  # continuous usage was the gateway's, not the client's
+        elif isinstance(chunk.get("usage"), dict):
             chunk["usage"] = self.usage(chunk["usage"])
         return chunk

@@ -246,6 +246,8 @@ class Serving:
         # the usage chunk again for a client that did not ask for it.
         body["stream"] = True
         body["stream_options"] = {"include_usage": True}
+        if ticket.preemptible:  # usage in every chunk: how far it got, in tokens, if paused
+            body["stream_options"]["continuous_usage_stats"] = True
         raw = orjson.dumps(body)
         headers = {"Content-Type": "application/json", "X-Request-Id": life.exchange.request_id}
         url = upstream.base_url + PATHS[step.request.endpoint]
@@ -299,7 +301,8 @@ class Serving:
                 break
             except GatewayError as exc:
                 if life.paused:
-                    opened = await self._resume(life, call, (assembler.text, assembler.tokens))
+                    generated = call.progress.before + assembler.tokens
+                    opened = await self._resume(life, call, (assembler.text, generated))
                     continue
                 assert life.exchange.upstream is not None
                 self._upstreams.failed(life.exchange.upstream, exc.message)
