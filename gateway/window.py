@@ -20,10 +20,11 @@ The rules, each decided on a :meth:`WindowController.tick`:
   window (latency at a concurrency above the window says nothing about the window: it is a
   shrink still draining, or other gateways' load), and within the last ``horizon_s`` (or
   else the newest ``min_samples``).
-- **Over target: back off.** If the TTFT percentile or the mean TPOT of that evidence is over
-  its target, and the last change was a growth, undo that growth at once (the probe failed);
-  otherwise multiply the size by ``backoff``, at most once per ``cooldown_s``. Either way the
-  size that failed becomes a *ceiling*.
+- **Over target: back off.** If the TTFT percentile or the mean TPOT of that evidence (at
+  least ``min_samples`` of it) is over its target, multiply the size by ``backoff``, at most
+  once per ``cooldown_s``. If the last change was a growth, a single first token over target
+  is enough to undo that growth at once (the probe failed). Either way the size that failed
+  becomes a *ceiling*.
 - **Under target with margin, on a used window: grow** by ``growth`` of the size (at least 1),
   at most once per ``grow_interval_s``. Only samples taken while the window was nearly full
   count here, so an idle window does not open up on latency it was never asked to carry.
@@ -245,25 +246,17 @@ class WindowController:
             self._observe(now, self._tpot, _Sample(now, now - seconds, inflight, seconds, tokens))
 
     def tick(self, now: float, inflight: int) -> int:
-        """Decide, from what was observed, whether to grow, hold or shrink; the new size."""
+        """Decide, from what was observed, whether to grow, hold or shrink; the new size.
+
+        Call it before dispatching at the same ``now``: requests dispatched at the instant the
+        size changes are taken as sent under the new size.
+        """
         self._note_busy(now, inflight)
-        horizon = now - self.tuning.horizon_s
-        for samples in (self._ttft, self._tpot):
-            # Keep the newest few however old: at one request in flight, a CPU may finish
-            # fewer than min_samples requests per horizon and would otherwise never decide.
-            while len(samples) > self.tuning.min_samples and samples[0].at < horizon:
-                samples.popleft()
+        self._forget(now - self.tuning.horizon_s)
         if self._stalled(now, inflight):
             self._decision = self._shrink(now, Decision.STALE)
-            return self._size
-        ttft, tpot = self._evidence(self._ttft, horizon), self._evidence(self._tpot, horizon)
-        self._readings = (self._ttft_reading(ttft), self._tpot_reading(tpot))
-        if self._over(*self._readings):
-            self._decision = self._back_off(now)
-        elif self._may_grow(now, ttft, tpot):
-            self._decision = self._grow(now)
         else:
-            self._decision = Decision.HOLD
+            self._decision = self._decide(now)
         return self._size
 
     def snapshot(self) -> WindowSnapshot:
@@ -278,6 +271,13 @@ class WindowController:
         # taken just after its own request was released. Only a tick clears it.
         if sample.inflight > 0 and self._busy_since is None:
             self._busy_since = now
+
+    def _forget(self, horizon: float) -> None:
+        for samples in (self._ttft, self._tpot):
+            # Keep the newest few however old: at one request in flight, a CPU may finish
+            # fewer than min_samples requests per horizon and would otherwise never decide.
+            while len(samples) > self.tuning.min_samples and samples[0].at < horizon:
+                samples.popleft()
 
     def _note_busy(self, now: float, inflight: int) -> None:
         if inflight <= 0:
@@ -295,6 +295,8 @@ class WindowController:
     def _evidence(self, samples: deque[_Sample], horizon: float) -> list[_Sample]:
         """The samples measured at the current size: the last ``horizon_s`` of them, or the
         newest ``min_samples`` if that is fewer."""
+        # A request dispatched at the very instant of the change counts: the gateway ticks
+        # before it dispatches (see tick), so it was sent under the new size.
         fresh = [s for s in samples if s.start >= self._changed_at and s.inflight <= self._size]
         recent = [s for s in fresh if s.at >= horizon]
         return (
@@ -305,13 +307,13 @@ class WindowController:
         floor = math.ceil(self.tuning.used * self._size - 1e-9)
         return [s for s in samples if s.inflight >= floor]
 
-    def _ttft_reading(self, samples: list[_Sample]) -> float | None:
-        if len(samples) < self.tuning.min_samples:
+    def _ttft_reading(self, samples: list[_Sample], least: int) -> float | None:
+        if not samples or len(samples) < least:
             return None
         return _percentile(sorted(s.seconds for s in samples), self.tuning.quantile)
 
-    def _tpot_reading(self, samples: list[_Sample], least: int | None = None) -> float | None:
-        if len(samples) < (self.tuning.min_samples if least is None else least):
+    def _tpot_reading(self, samples: list[_Sample], least: int) -> float | None:
+        if not samples or len(samples) < least:
             return None
         # Weighted by tokens: a long batch says more about the decode rate than a short one.
         return sum(s.seconds for s in samples) / sum(s.tokens for s in samples)
@@ -323,11 +325,32 @@ class WindowController:
 
     # -- decisions -------------------------------------------------------------------------
 
+    def _decide(self, now: float) -> Decision:
+        horizon = now - self.tuning.horizon_s
+        ttft, tpot = self._evidence(self._ttft, horizon), self._evidence(self._tpot, horizon)
+        # A probe (the size just grown to) is judged on its first first token: stepping back
+        # to a size measured good is cheap, staying over target while a CPU completes three
+        # more requests is not (and with fewer than ten samples a p90 is their maximum
+        # anyway). Decode batches keep min_samples: every stream sends one a second, and a
+        # lone short batch (a stream's last token) is too noisy to judge by.
+        few = 1 if self._probe_from is not None else self.tuning.min_samples
+        self._readings = (
+            self._ttft_reading(ttft, few),
+            self._tpot_reading(tpot, self.tuning.min_samples),
+        )
+        if self._over(*self._readings):
+            return self._back_off(now)
+        if len(self._loaded(ttft)) >= self.tuning.min_samples:
+            # The size held up on full evidence from a used window: from now on a slowdown is
+            # news about the upstream, answered by the multiplicative cut, not a failed probe.
+            self._probe_from = None
+        return self._grow(now) if self._may_grow(now, ttft, tpot) else Decision.HOLD
+
     def _may_grow(self, now: float, ttft: list[_Sample], tpot: list[_Sample]) -> bool:
         if self._size >= self.max_size or now - self._changed_at < self.tuning.grow_interval_s:
             return False
         margin = self.tuning.margin
-        loaded_ttft = self._ttft_reading(self._loaded(ttft))
+        loaded_ttft = self._ttft_reading(self._loaded(ttft), self.tuning.min_samples)
         # Decode evidence may lag (streams report in batches), so its absence does not block
         # growth, but any of it that is too slow does.
         loaded_tpot = self._tpot_reading(self._loaded(tpot), least=1)
