@@ -87,16 +87,16 @@ class WindowTuning:
     #: ``min_samples`` instead, however old (they were still measured at the current size).
     horizon_s: float = 10.0
     #: TTFT is judged on its p90: SLAs are stated on a high percentile (the status page checks
-    #: p95), and p95 of the few samples a CPU yields in ``horizon_s`` is just the maximum, one
-    #: long prompt. The growth margin covers the gap between p90 and p95.
+    #: p95), but a p95 is just the maximum of the samples until there are twenty of them (a
+    #: p90 until ten), and a CPU yields fewer than that. The growth margin covers the gap.
     quantile: float = 0.9
     #: Grow only while latency is at most this fraction of its target. The band between it and
     #: the target is where the window holds still, so measurement noise does not make it flap,
     #: and the operating point stays under the target instead of on it.
     margin: float = 0.8
     #: Additive growth per step, as a fraction of the size (at least one slot). 10% per second
-    #: takes a GPU from 4 to 150 in about 40 steps and to 256 in about 45: tens of seconds, and
-    #: each step small enough that one failed probe costs little.
+    #: takes a GPU from 4 to 150 in about 40 steps and to 256 in under 50: tens of seconds,
+    #: and each step small enough that one failed probe costs little.
     growth: float = 0.1
     #: Multiplicative decrease when latency is over target: 0.8 cuts a fifth, enough to get out
     #: of a queueing knee in a step or two, gentle enough that one bad reading does not halve
@@ -114,8 +114,9 @@ class WindowTuning:
     #: was in flight. 0.8 means "full" for windows up to 4 and leaves a little slack on big
     #: ones, where a window is rarely exactly full at the instant a token arrives.
     used: float = 0.8
-    #: Fewest samples of a signal to judge it by: one long prompt alone must not move the
-    #: window. Three arrive within seconds even on a CPU.
+    #: Fewest samples to judge a signal by, so that no lone reading moves the window (except
+    #: a probe's first first token: see the module docstring). At a window of three on a CPU
+    #: they take a few seconds; at a window of one, tens of seconds, which paces growth there.
     min_samples: int = 3
     #: Keep at most this many samples per signal: a stable p90 with bounded memory and tick
     #: cost, even with hundreds of streams each reporting every second.
