@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
+from gateway import sse
 from gateway.classes import to_vllm_priority
 from gateway.errors import BadGateway, GatewayError
 from gateway.exchange import Exchange
@@ -87,3 +88,15 @@ def take_usage(ex: Exchange, answer: dict[str, Any]) -> None:
             prompt if isinstance(prompt, int) else None,
             completion if isinstance(completion, int) else None,
         )
+
+
+def take_usage_chunk(ex: Exchange, batch: bytes, *, keep: bool) -> bytes:
+    """Record the usage chunk's counts; drop it from the batch unless the client asked."""
+    kept = []
+    for event in sse.events(batch):
+        if sse.is_usage_only(event):
+            take_usage(ex, sse.parse(event) or {})
+            if not keep:
+                continue
+        kept.append(event)
+    return b"".join(kept)

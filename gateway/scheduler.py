@@ -199,7 +199,8 @@ class Scheduler:
             yield from queue
 
     def predicted_wait(self, policy: ClassPolicy, now: float) -> float:
-        """Seconds a request of this class arriving now would probably wait (0 if it fits)."""
+        """Seconds a request of this class arriving now would probably wait (0 if it fits,
+        or if it can take a slot back from less important work)."""
         if any(w.has_room(policy.reserved_slots(w.size)) for w in self.windows.values()):
             return 0.0
         rate = self.completions.per_second(now)
@@ -207,7 +208,14 @@ class Scheduler:
             return 0.0  # nothing has completed yet: no evidence of overload
         key = now - policy.head_start_s
         ahead = sum(q.count_before(key) for q in self._queues.values())
-        return (ahead + 1) / rate
+        pausable = sum(
+            1
+            for t in self._running
+            if t.reclaimable and t.policy.rank > policy.rank and t.key > key
+        )
+        if ahead < pausable:
+            return 0.0
+        return (ahead - pausable + 1) / rate
 
     def retry_after(self, policy: ClassPolicy, now: float) -> int:
         """Whole seconds until a request of this class would likely be admitted again."""

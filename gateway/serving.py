@@ -15,13 +15,15 @@ connection of a stream still running (vLLM aborts the request and frees its KV c
 Before the first byte reaches the client that is a 504; once a stream has started it is an
 in-band error event followed by ``[DONE]``.
 
-Failover: every failure before the first event (connection refused, reset or timed out, a
-5xx, an answer that is not a stream, silence past the read gap, a failed token count) is the
-upstream's: it is reported to its circuit breaker and the request goes back through the
-scheduler to a usable upstream it has not tried (its arrival and deadlines kept), with at
-most as many tries as there are upstreams. Nothing has been generated for the client then,
-for streams and non-streams alike, since both are streamed from vLLM. After the first event
-a failure ends the answer (in band for a stream, 502/504 for a collected answer).
+Failover: any failure before the first event (refused, reset, timed out, a 5xx, not a
+stream, a failed token count) is the upstream's: its breaker hears of it and the request
+goes back through the scheduler to a usable upstream it has not tried (arrival and deadlines
+kept), at most once per upstream. Nothing was generated then (vLLM always streams to us).
+After the first event a failure ends the answer (in band, or 502/504 when collected).
+
+Preemption: a pausable step (see :mod:`gateway.resume`) registers its lifecycle's pause with
+the dispatcher; when the scheduler takes its slot back, the call is cut, requeued at its old
+place and resumed from what it had generated.
 """
 
 from __future__ import annotations
@@ -35,7 +37,16 @@ from typing import Any
 import orjson
 
 from gateway import sse
-from gateway.calls import Call, Fault, Opened, dispatched, read_first_event, take_usage
+from gateway.admission import degrade, refuse_if_late
+from gateway.calls import (
+    Call,
+    Fault,
+    Opened,
+    dispatched,
+    read_first_event,
+    take_usage,
+    take_usage_chunk,
+)
 from gateway.chunks import Assembler, collect
 from gateway.classes import to_vllm_priority
 from gateway.config import Task
@@ -47,19 +58,19 @@ from gateway.errors import (
     GatewayError,
     ServiceUnavailable,
 )
+from gateway.estimates import Estimates
 from gateway.exchange import Exchange, outcome_for
 from gateway.input_limit import fit_input
 from gateway.lifecycle import Lifecycle
 from gateway.metrics import Metrics
 from gateway.outbound import UpstreamClient, UpstreamRejected
-from gateway.protocol import build_upstream_body, granted_max_tokens
+from gateway.protocol import build_upstream_body
 from gateway.resume import Progress, continuation, resumable
 from gateway.scheduler import Ticket
-from gateway.steps import Answer, Ewma, Step, Stream
+from gateway.steps import Answer, Step, Stream
 from gateway.upstreams import Upstreams
 
 log = logging.getLogger("gateway.serving")
-
 PATHS = {"chat": "/v1/chat/completions", "completions": "/v1/completions"}
 
 
@@ -77,7 +88,7 @@ class Serving:
         self._upstreams = upstreams
         self._client = client
         self._metrics = metrics
-        self.ttft = Ewma()  # per task, dispatch to first event: what a request needs left
+        self.seen = Estimates()
 
     def now(self) -> float:
         return self._dispatcher.now()
@@ -87,7 +98,9 @@ class Serving:
     ) -> Answer | Stream:
         """Run the step for the request ``life`` owns, up to its result."""
         headers: dict[str, str] = {}
-        max_tokens = self._degrade(life.exchange, step, headers)
+        scheduler, now = self._dispatcher.scheduler, self.now()
+        max_tokens = degrade(scheduler, self._metrics, life.exchange, step, headers, now)
+        refuse_if_late(scheduler, self.seen, self._metrics, life.exchange, step, max_tokens, now)
         # A two-step task's reply (first_event) is not paused: its first chunk is rewritten.
         ticket = await self._dispatch(life, step, pausable=first_event is None)
         call = Call(step, ticket, max_tokens, Progress(step.request.endpoint == "chat"))
@@ -100,22 +113,6 @@ class Serving:
             raise self._upstream_deadline(step.task) from None
         self._arm_deadline(life, ticket.deadline)
         return Stream(self._relay(life, call, opened, first_event), headers)
-
-    # -- before the upstream ---------------------------------------------------------
-
-    def _degrade(self, ex: Exchange, step: Step, headers: dict[str, str]) -> int:
-        """The max_tokens to grant, capped by the task's degrade policy when the queue is long."""
-        granted = granted_max_tokens(step.task, step.request)
-        policy = step.task.degrade
-        if policy is None or granted <= policy.max_tokens:
-            return granted
-        wait = self._dispatcher.scheduler.predicted_wait(step.policy, self._dispatcher.now())
-        if wait <= policy.when_wait_s:
-            return granted
-        ex.degraded = True
-        self._metrics.degraded.labels(step.task.name).inc()
-        headers["X-Degraded"] = f"max_tokens={policy.max_tokens}"
-        return policy.max_tokens
 
     async def _dispatch(self, life: Lifecycle, step: Step, *, pausable: bool) -> Ticket:
         """Queue the step and wait for its turn; the ticket names the upstream it got."""
@@ -133,7 +130,7 @@ class Serving:
             arrival=ex.queued_at,  # aging counts time in the queue
             queue_deadline=ex.arrival + min(step.budget.queue_s, step.budget.total_s),
             deadline=ex.arrival + step.budget.total_s,  # deadlines count from the arrival
-            need_s=self.ttft.get(step.task.name),
+            need_s=self.seen.ttft.get(step.task.name),
             tenant=step.tenant,
         )
         life.ticket = ticket
@@ -182,7 +179,7 @@ class Serving:
             if call.progress.segment == 0:
                 ex.first_byte_at = self._dispatcher.now()
                 ttft = ex.first_byte_at - (ex.dispatched_at or ex.arrival)
-                self.ttft.observe(call.step.task.name, ttft)
+                self.seen.ttft.observe(call.step.task.name, ttft)
             return opened
 
     async def _requeue(self, life: Lifecycle, call: Call) -> None:
@@ -311,7 +308,13 @@ class Serving:
         if isinstance(answer.get("usage"), dict):
             answer["usage"] = call.progress.usage(answer["usage"])
         take_usage(life.exchange, answer)
+        self._finished(life.exchange, call)
         return answer
+
+    def _finished(self, ex: Exchange, call: Call) -> None:
+        if call.progress.segment == 0 and ex.first_byte_at is not None and ex.completion_tokens:
+            decode_s = self.now() - ex.first_byte_at
+            self.seen.finished(call.step.task.name, decode_s, ex.completion_tokens)
 
     def _arm_deadline(self, life: Lifecycle, deadline: float) -> None:
         """Close a running stream's upstream connection when its deadline passes."""
@@ -346,9 +349,10 @@ class Serving:
             if progress is not None:
                 batch = progress.read(batch)
             if sse.has_usage_only(batch):
-                batch = self._take_usage_chunk(ex, batch, keep=call.step.request.include_usage)
+                batch = take_usage_chunk(ex, batch, keep=call.step.request.include_usage)
             if done:
                 life.finish_response(clean=True)
+                self._finished(ex, call)
             if batch:
                 yield batch
             if done:
@@ -385,18 +389,6 @@ class Serving:
                 self._upstreams.failed(ex.upstream, error.message)
         ex.fail(error.status, outcome_for(error), error.code)
         return sse.error_event(error) + sse.DONE
-
-    @staticmethod
-    def _take_usage_chunk(ex: Exchange, batch: bytes, *, keep: bool) -> bytes:
-        """Record the usage chunk's counts; drop it from the batch unless the client asked."""
-        kept = []
-        for event in sse.events(batch):
-            if sse.is_usage_only(event):
-                take_usage(ex, sse.parse(event) or {})
-                if not keep:
-                    continue
-            kept.append(event)
-        return b"".join(kept)
 
     def _upstream_deadline(self, task: Task) -> DeadlineExceeded:
         self._metrics.deadline_exceeded.labels(task.name, "upstream").inc()

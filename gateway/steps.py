@@ -73,18 +73,3 @@ class Stream:
 
     events: AsyncIterator[bytes]
     headers: dict[str, str] = field(default_factory=dict)
-
-
-class Ewma:
-    """Exponentially weighted averages by key, e.g. each task's time to first token."""
-
-    def __init__(self, alpha: float = 0.2) -> None:
-        self._alpha = alpha
-        self._values: dict[str, float] = {}
-
-    def observe(self, key: str, value: float) -> None:
-        old = self._values.get(key)
-        self._values[key] = value if old is None else old + self._alpha * (value - old)
-
-    def get(self, key: str, default: float = 0.0) -> float:
-        return self._values.get(key, default)

@@ -207,9 +207,9 @@ async def test_realtime_overtakes_queued_batch(
         await until(lambda: len(fake.seen) == 1)
         batch = [send("batch") for _ in range(3)]
         await until_metric(c, 'gateway_queue_depth{priority_class="batch"}', 3.0)
-        realtime = send("sentiment")
-        await until_metric(c, 'gateway_queue_depth{priority_class="realtime"}', 1.0)
+        realtime = send("sentiment")  # the running batch request is paused for it
         await asyncio.gather(first, realtime, *batch)
         order = [s.body["priority"] for s in fake.seen]
         assert fake.seen[1].body.get("structured_outputs")  # sentiment went second
+        assert await metric(c, 'gateway_preemptions_total{priority_class="batch"}') == 1
         assert order[1] < min(order[2:])

@@ -1,0 +1,67 @@
+"""Admission policies applied before a step is queued: shorter answers under a long queue,
+and refusing at once what could not make its deadline.
+"""
+
+from __future__ import annotations
+
+from gateway.errors import RateLimited
+from gateway.estimates import Estimates
+from gateway.exchange import Exchange
+from gateway.metrics import Metrics
+from gateway.protocol import granted_max_tokens
+from gateway.scheduler import Scheduler
+from gateway.steps import Step
+
+
+def degrade(
+    scheduler: Scheduler,
+    metrics: Metrics,
+    ex: Exchange,
+    step: Step,
+    headers: dict[str, str],
+    now: float,
+) -> int:
+    """The max_tokens to grant, capped by the task's degrade policy when the queue is long."""
+    granted = granted_max_tokens(step.task, step.request)
+    policy = step.task.degrade
+    if policy is None or granted <= policy.max_tokens:
+        return granted
+    wait = scheduler.predicted_wait(step.policy, now)
+    if wait <= policy.when_wait_s:
+        return granted
+    ex.degraded = True
+    metrics.degraded.labels(step.task.name).inc()
+    headers["X-Degraded"] = f"max_tokens={policy.max_tokens}"
+    return policy.max_tokens
+
+
+def refuse_if_late(
+    scheduler: Scheduler,
+    seen: Estimates,
+    metrics: Metrics,
+    ex: Exchange,
+    step: Step,
+    max_tokens: int,
+    now: float,
+) -> None:
+    """Refuse now (429 + Retry-After) what would wait past its queue deadline or finish
+    past its deadline by what this gateway has seen, rather than queue it to fail late
+    and spend capacity on-time work needed."""
+    pclass = step.policy.name
+    wait = scheduler.predicted_wait(step.policy, now)
+    if wait <= 0:
+        return
+    service = seen.service_s(step.task.name, max_tokens)
+    queue_left = ex.arrival + min(step.budget.queue_s, step.budget.total_s) - now
+    total_left = ex.arrival + step.budget.total_s - now
+    if wait <= queue_left and wait + service <= total_left:
+        return
+    metrics.rejections.labels(pclass, "deadline_unreachable").inc()
+    retry = scheduler.retry_after(step.policy, now)
+    raise RateLimited(
+        f"the request would not finish within its deadline ({total_left:.1f} s left): "
+        f"about {wait:.1f} s of queue ahead of it and {service:.1f} s of service; "
+        f"retry after {retry} s",
+        code="deadline_unreachable",
+        retry_after_s=retry,
+    )
