@@ -12,6 +12,11 @@ from gateway.protocol import granted_max_tokens
 from gateway.scheduler import Scheduler
 from gateway.steps import Step
 
+#: Completions within the rate's horizon before a prediction may refuse anyone: right after a
+#: start (or a quiet spell) one or two completions make the rate look far too slow while a
+#: full window is still warming up, and a refusal on that would turn away servable work.
+MIN_EVIDENCE = 10
+
 
 def degrade(
     scheduler: Scheduler,
@@ -48,6 +53,8 @@ def refuse_if_late(
     past its deadline by what this gateway has seen, rather than queue it to fail late
     and spend capacity on-time work needed."""
     pclass = step.policy.name
+    if scheduler.completions.samples(now) < MIN_EVIDENCE:
+        return
     wait = scheduler.predicted_wait(step.policy, now)
     if wait <= 0:
         return

@@ -100,6 +100,11 @@ class CompletionRate:
         span = min(self._horizon_s, max(now - self._since, 1.0))
         return len(self._times) / span if self._times else None
 
+    def samples(self, now: float) -> int:
+        """Completions within the horizon: how much evidence the rate rests on."""
+        self._trim(now)
+        return len(self._times)
+
     def _trim(self, now: float) -> None:
         while self._times and self._times[0] < now - self._horizon_s:
             self._times.popleft()

@@ -17,9 +17,9 @@ CHAT = {"model": "chat", "messages": [{"role": "user", "content": "hi"}]}
 async def test_a_request_that_cannot_make_its_deadline_is_refused_at_once(
     start_gateway: GatewayFactory, fake: FakeVllm
 ) -> None:
-    fake.behaviour.first_token_delay_s = 0.2
+    fake.behaviour.first_token_delay_s = 0.1
     async with start_gateway(window=1) as url, httpx.AsyncClient(base_url=url, timeout=20) as c:
-        for _ in range(3):  # what the gateway has seen: ~0.2 s per chat answer
+        for _ in range(10):  # the evidence: ~0.1 s per chat answer, ten of them
             assert (await c.post("/v1/chat/completions", json=CHAT)).status_code == 200
         held = asyncio.Event()
         fake.behaviour.hold_after_first = held
