@@ -1,20 +1,21 @@
 """qwen-gateway: an OpenAI-compatible gateway that keeps per-task SLAs for one Qwen model on vLLM.
 
-Module layers, imports pointing down only (a request's path is the left column):
+Module layers, top to bottom; a module imports only from the rows below its own:
 
     __main__     command line: settings, logging, uvicorn
-    app          routes, lifespan: composes the rest                middleware  request ids
+    app          routes and lifespan: composes the rest
     routes       the completion endpoints: one owner per request, HTTP in and out
-    pipeline     two-step tasks (assist) as two serving calls
-    runtime      the long-lived parts, built in the lifespan      status      /status data
-    serving      one task step: queue, count, call, relay/collect   recent    finished rings
+    runtime      the long-lived parts    pipeline   two-step tasks (assist) as two serving calls
+    serving      one task step: queue, count, call with failover, relay or collect, pause/resume
+    calls        one upstream call's pieces         admission  degrade; refuse what cannot make it
     lifecycle    the owner of a request's resources and its record
-    input_limit  per-task input budgets   chunks  a stream put back together as one answer
-    dispatch     asyncio glue around the scheduler    upstreams   health of the vLLM servers
-    auth         API keys and tenant limits           scrape      vLLM's /metrics
-    scheduler    pure queueing/dispatch logic         outbound    all outbound HTTP
-    exchange     one request's record                 metrics     Prometheus names
-    protocol     OpenAI wire format                   sse         event framing
-    config       the task table                       settings    process settings
-    classes      priority classes and vLLM's scale    errors      the error envelope
+    dispatch     asyncio glue around the scheduler  resume     continue a paused generation
+    status       /status data    scrape  vLLM's /metrics    shutdown  draining on SIGTERM
+    scheduler    pure queueing, dispatch and preemption decisions   tickets  its vocabulary
+    auth         API keys and tenant limits   steps   a step and its results   upstreams  health
+    input_limit  per-task input budgets       queues  class queues, completion rate
+    protocol     OpenAI wire format   chunks  a stream put back together   exchange  a record
+    config       the task table   sse  event framing   outbound  all outbound HTTP
+    window       adaptive window controller (not yet wired)    window_tuning  its settings
+    classes  errors  metrics  settings  breaker  middleware  estimates  recent   (leaves)
 """

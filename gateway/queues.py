@@ -8,13 +8,29 @@ from __future__ import annotations
 import bisect
 from collections import deque
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:  # tickets are the scheduler's; these structures only hold them
-    from gateway.scheduler import Ticket
+from typing import Generic, Protocol, TypeVar
 
 
-class ClassQueue:
+class Queued(Protocol):
+    """What a queue reads of a waiting request (the scheduler's ``Ticket``)."""
+
+    @property
+    def tenant(self) -> str: ...
+
+    @property
+    def key(self) -> float: ...
+
+    @property
+    def seq(self) -> int: ...
+
+    @property
+    def arrival(self) -> float: ...
+
+
+T = TypeVar("T", bound=Queued)
+
+
+class ClassQueue(Generic[T]):
     """The waiting tickets of one class: FIFO per tenant, round robin across tenants.
 
     One tenant's flood cannot starve another tenant of the same class: each dispatch from
@@ -23,44 +39,44 @@ class ClassQueue:
     """
 
     def __init__(self) -> None:
-        self._by_tenant: dict[str, list[tuple[float, int, Ticket]]] = {}
+        self._by_tenant: dict[str, list[tuple[float, int, T]]] = {}
         self._turns: deque[str] = deque()  # tenants with waiting work, next one first
         self._len = 0
 
     def __len__(self) -> int:
         return self._len
 
-    def __iter__(self) -> Iterator[Ticket]:
+    def __iter__(self) -> Iterator[T]:
         return (item[2] for items in self._by_tenant.values() for item in items)
 
-    def push(self, ticket: Ticket) -> None:
+    def push(self, ticket: T) -> None:
         items = self._by_tenant.setdefault(ticket.tenant, [])
         if not items:
             self._turns.append(ticket.tenant)
         bisect.insort(items, (ticket.key, ticket.seq, ticket), key=lambda i: i[:2])
         self._len += 1
 
-    def head(self) -> Ticket | None:
+    def head(self) -> T | None:
         return self._by_tenant[self._turns[0]][0][2] if self._turns else None
 
     def oldest_arrival(self) -> float | None:
         """When the longest-waiting ticket arrived (each tenant's list is in arrival order)."""
         return min((items[0][2].arrival for items in self._by_tenant.values()), default=None)
 
-    def newest(self) -> Ticket | None:
+    def newest(self) -> T | None:
         """The newest ticket of the tenant with the most waiting: what to shed first."""
         if not self._turns:
             return None
         heaviest = max(self._turns, key=lambda tenant: len(self._by_tenant[tenant]))
         return self._by_tenant[heaviest][-1][2]
 
-    def take(self, ticket: Ticket) -> None:
+    def take(self, ticket: T) -> None:
         """Remove the head being dispatched; its tenant's next ticket waits for a new turn."""
         self.remove(ticket)
         if self._turns and self._turns[0] == ticket.tenant:
             self._turns.rotate(-1)
 
-    def remove(self, ticket: Ticket) -> None:
+    def remove(self, ticket: T) -> None:
         items = self._by_tenant[ticket.tenant]
         index = bisect.bisect_left(items, (ticket.key, ticket.seq), key=lambda i: i[:2])
         assert items[index][2] is ticket, "ticket not in its class queue"

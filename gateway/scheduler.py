@@ -22,133 +22,19 @@ import heapq
 import itertools
 import math
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
-from enum import Enum
 
 from gateway.classes import ClassPolicy, ClassTable, effective_priority
 from gateway.queues import ClassQueue, CompletionRate
-
-
-class State(Enum):
-    NEW = "new"
-    QUEUED = "queued"
-    DISPATCHED = "dispatched"
-    DONE = "done"
-    EXPIRED = "expired"
-    SHED = "shed"
-    WITHDRAWN = "withdrawn"
-
-
-@dataclass(eq=False, slots=True)
-class Ticket:
-    """One request's place in the scheduler. Identity matters: tickets compare by ``is``.
-
-    ``need_s`` is the least time the request needs before its deadline to be worth sending
-    (e.g. the task's observed time to first token); once less than that remains it expires.
-    ``avoid`` names upstreams that already failed it (failover): it goes to one of them only
-    when no other upstream is usable, so it can never wait for an upstream that went away.
-    """
-
-    task: str
-    policy: ClassPolicy
-    arrival: float
-    queue_deadline: float
-    deadline: float
-    need_s: float = 0.0
-    tenant: str = ""
-    avoid: frozenset[str] = frozenset()
-    preemptible: bool = False  # the request can be paused and resumed (see gateway.serving)
-    preemptions: int = 0
-    preempting: bool = False  # asked to pause; its slot is still taken until it is released
-    state: State = State.NEW
-    seq: int = -1
-    upstream: str | None = None
-    dispatched_at: float | None = None
-    effective_priority: float = 0.0
-    boosted: bool = False
-
-    @property
-    def key(self) -> float:
-        """Queue order: smaller goes first. Equal to ``now - effective_priority(now)``."""
-        return self.arrival - self.policy.head_start_s
-
-    @property
-    def reclaimable(self) -> bool:
-        """Its slot can be taken back for more important work (it may be preempted again)."""
-        return self.preemptible and self.preemptions < self.policy.max_preemptions
-
-    @property
-    def expires_at(self) -> float:
-        return min(self.queue_deadline, self.deadline - self.need_s)
-
-    @property
-    def expiry_stage(self) -> str:
-        """Why it expired: its queue deadline, or too little budget left to be worth sending."""
-        return "queue" if self.queue_deadline <= self.deadline - self.need_s else "dispatch"
-
-
-@dataclass(frozen=True, slots=True)
-class Admitted:
-    """The ticket is queued. ``shed`` lists queued tickets evicted to make room for it."""
-
-    shed: tuple[Ticket, ...] = ()
-
-
-@dataclass(frozen=True, slots=True)
-class Rejected:
-    """The ticket was not queued. ``reason`` is a bounded metric label."""
-
-    reason: str
-    message: str
-    retry_after_s: int
-
-
-@dataclass(frozen=True, slots=True)
-class Dispatch:
-    """A ticket released to ``ticket.upstream`` at ``ticket.effective_priority``."""
-
-    ticket: Ticket
-
-
-@dataclass(frozen=True, slots=True)
-class Preempt:
-    """Pause ``ticket`` at its upstream: a more important request needs its slot. The slot is
-    freed when the ticket is released; the request then comes back with :meth:`requeue`."""
-
-    ticket: Ticket
-
-
-@dataclass(frozen=True, slots=True)
-class Expiry:
-    """A ticket that left the queue without being sent: its deadline or budget ran out."""
-
-    ticket: Ticket
-    stage: str
-
-
-@dataclass(slots=True)
-class Window:
-    """One upstream's dispatch window.
-
-    ``external`` is load on the upstream that is not ours: what it reports (running + waiting,
-    scraped from its metrics) minus what we had in flight at that moment. Several gateways
-    sharing one vLLM thus see each other's work. It must not include our own requests: the
-    scraped count is up to a scrape interval old, and counting our finished requests in it
-    would hold the window shut.
-    """
-
-    name: str
-    size: int
-    inflight: int = 0
-    external: int = 0
-    usable: bool = True
-
-    @property
-    def occupied(self) -> int:
-        return self.inflight + self.external
-
-    def has_room(self, reserved: int) -> bool:
-        return self.usable and self.occupied < self.size - reserved
+from gateway.tickets import (
+    Admitted,
+    Dispatch,
+    Expiry,
+    Preempt,
+    Rejected,
+    State,
+    Ticket,
+    Window,
+)
 
 
 class Scheduler:
@@ -160,7 +46,9 @@ class Scheduler:
         self.windows: dict[str, Window] = {w.name: w for w in windows}
         if not self.windows:
             raise ValueError("a scheduler needs at least one upstream window")
-        self._queues: dict[str, ClassQueue] = {p.name: ClassQueue() for p in classes.ordered}
+        self._queues: dict[str, ClassQueue[Ticket]] = {
+            p.name: ClassQueue() for p in classes.ordered
+        }
         # Queue deadlines, soonest first. A ticket that leaves the queue otherwise (dispatched,
         # withdrawn, shed) leaves a stale entry; the heap is rebuilt once stale entries are the
         # majority, so it never holds more than twice what is queued (not rate x deadline).
@@ -272,7 +160,7 @@ class Scheduler:
         heapq.heappush(self._expiries, (ticket.expires_at, ticket.seq, ticket))
         return Admitted(shed)
 
-    def _behind(self, policy: ClassPolicy, queue: ClassQueue, now: float) -> float | None:
+    def _behind(self, policy: ClassPolicy, queue: ClassQueue[Ticket], now: float) -> float | None:
         """How long the class's oldest request has waited, if past its limit while more
         important work also waited; else None."""
         oldest = queue.oldest_arrival()
