@@ -7,8 +7,17 @@
 #   MODEL=Qwen/Qwen2.5-7B-Instruct ./launch/serve.sh     # needs a model hub or a local cache
 #   UPSTREAMS=http://gpu-host:8000 ./launch/serve.sh      # vLLM runs elsewhere: gateway only
 #
+# If the vLLM started here exits on its own (a crash, the OOM killer), the gateway keeps
+# running: it answers 503 with Retry-After meanwhile (a stream in flight ends with an in-band
+# error event) while vLLM is started again after 2, 4, 8 ... up to 60 s (back to 2 s once a
+# vLLM has been healthy for 2 minutes). If the gateway exits, everything stops and serve.sh
+# exits non-zero.
+#
 # Other knobs: MAX_NUM_SEQS (vLLM's --max-num-seqs and the gateway's window; default 8),
-# VLLM_PORT (8000), GATEWAY_PORT (8080), GATEWAY_TASKS (a task table), VLLM_EXTRA_ARGS.
+# VLLM_PORT (8000), GATEWAY_PORT (8080), GATEWAY_TASKS (a task table), VLLM_EXTRA_ARGS,
+# LOG_DIR (logs/). In LOG_DIR: vllm.log, gateway.log, and the running servers' PIDs,
+# gateway.pid and vllm.pid (the vLLM API server, which leads its own process group with the
+# engine; rewritten at every restart). Both PID files are removed when serve.sh stops.
 set -euo pipefail
 . "$(dirname "$0")/common.sh"
 
@@ -16,37 +25,102 @@ MODEL=${MODEL:-default}
 MAX_NUM_SEQS=${MAX_NUM_SEQS:-8}
 VLLM_PORT=${VLLM_PORT:-8000}
 GATEWAY_PORT=${GATEWAY_PORT:-8080}
-LOGS="$ROOT/logs"
+LOGS=${LOG_DIR:-$ROOT/logs}
 mkdir -p "$LOGS"
-VLLM_PID="" GATEWAY_PID=""
+LOGS=$(cd "$LOGS" && pwd)
+SHOWN_LOGS=${LOGS#"$ROOT"/}   # logs/ in messages when it is the default
+RESTART_MIN_S=2 RESTART_MAX_S=60 HEALTHY_RESETS_AFTER_S=120 CHECK_EVERY_S=5
+VLLM_PID="" GATEWAY_PID="" TIMER_PID="" OWN_VLLM=""
 
 cleanup() {
     local rc=$?
     trap - INT TERM EXIT
+    set +e  # stop everything, whatever fails on the way
     if [ -n "$GATEWAY_PID$VLLM_PID" ]; then say "Stopping"; fi
+    if [ -n "$TIMER_PID" ]; then kill "$TIMER_PID" 2>/dev/null; fi
     if [ -n "$GATEWAY_PID" ]; then kill -TERM "$GATEWAY_PID" 2>/dev/null; wait "$GATEWAY_PID" 2>/dev/null; fi
     if [ -n "$VLLM_PID" ]; then stop_group "$VLLM_PID"; fi
+    rm -f "$LOGS/vllm.pid" "$LOGS/gateway.pid"
     exit "$rc"
 }
 trap cleanup EXIT
 trap 'exit 0' INT TERM   # a stop asked for by the user is a clean exit
 
-ensure_gateway_venv
-if [ -z "${UPSTREAMS:-}" ]; then
-    ensure_vllm_venv
-    model_arg=$(resolve_model "$MODEL")
-    say "Starting vLLM on 127.0.0.1:$VLLM_PORT with $model_arg (log: logs/vllm.log)"
-    say "  first start compiles kernels (~70 s on 2 cores; cached for later starts)"
+# launch_vllm: start vLLM in its own process group, log appended to vllm.log; sets VLLM_PID
+launch_vllm() {
     # shellcheck disable=SC2086
     start_vllm "$model_arg" "$VLLM_PORT" "$MAX_NUM_SEQS" "$LOGS/vllm.log" ${VLLM_EXTRA_ARGS:-}
+    echo "$VLLM_PID" >"$LOGS/vllm.pid"
+}
+
+# supervise: wait for either server to exit. vLLM is started again after a back-off; the
+# gateway exiting ends serve.sh. Waiting is done with `wait -n`, which a trapped signal
+# interrupts at once, so Ctrl-C / SIGTERM stop everything even during a back-off.
+supervise() {
+    local delay=$RESTART_MIN_S healthy_since="" restarted="" timer which status
+    while true; do
+        if [ -n "$VLLM_PID" ]; then sleep "$CHECK_EVERY_S" & else sleep "$delay" & fi
+        TIMER_PID=$! timer=$!
+        which="" status=0
+        wait -n -p which "$GATEWAY_PID" ${VLLM_PID:+"$VLLM_PID"} "$timer" || status=$?
+        if [ "$which" != "$timer" ]; then kill "$timer" 2>/dev/null || true; fi
+        wait "$timer" 2>/dev/null || true
+        TIMER_PID=""
+        if [ "$which" = "$GATEWAY_PID" ]; then
+            gateway_exited "$status"
+        elif [ -n "$VLLM_PID" ] && [ "$which" = "$VLLM_PID" ]; then
+            # Its engine process may outlive the API server, holding the port and memory.
+            stop_group "$VLLM_PID"
+            VLLM_PID=""
+            rm -f "$LOGS/vllm.pid"
+            if [ -n "$healthy_since" ] && [ $((SECONDS - healthy_since)) -ge "$HEALTHY_RESETS_AFTER_S" ]; then
+                delay=$RESTART_MIN_S
+            fi
+            healthy_since=""
+            say "vLLM exited (code $status); restarting in $delay s, log: $SHOWN_LOGS/vllm.log"
+        elif [ "$which" = "$timer" ] && [ -z "$VLLM_PID" ]; then
+            printf '\n==== %s  serve.sh: restarting vLLM after it exited ====\n' "$(date -Is)" >>"$LOGS/vllm.log"
+            launch_vllm
+            say "Restarted vLLM (pid $VLLM_PID); the gateway answers 503 until it is ready"
+            delay=$((delay * 2 > RESTART_MAX_S ? RESTART_MAX_S : delay * 2))
+            restarted=1
+        elif [ "$which" = "$timer" ]; then
+            if [ -z "$healthy_since" ] && curl -sf -m 2 -o /dev/null "http://127.0.0.1:$VLLM_PORT/health"; then
+                healthy_since=$SECONDS
+                if [ -n "$restarted" ]; then say "vLLM is serving again"; fi
+            fi
+        else
+            say "serve.sh lost track of its servers (wait: $status); stopping"
+            exit 1
+        fi
+    done
+}
+
+# gateway_exited STATUS: say so and end serve.sh with 1 (serving stopped unasked)
+gateway_exited() {
+    GATEWAY_PID=""
+    say "the gateway exited on its own (code $1); stopping (log: $SHOWN_LOGS/gateway.log)"
+    exit 1
+}
+
+ensure_gateway_venv
+if [ -z "${UPSTREAMS:-}" ]; then
+    OWN_VLLM=1
+    ensure_vllm_venv
+    model_arg=$(resolve_model "$MODEL")
+    say "Starting vLLM on 127.0.0.1:$VLLM_PORT with $model_arg (log: $SHOWN_LOGS/vllm.log)"
+    say "  first start compiles kernels (~70 s on 2 cores; cached for later starts)"
+    : >"$LOGS/vllm.log"
+    launch_vllm
     wait_http "http://127.0.0.1:$VLLM_PORT/health" 600 "vLLM" "$LOGS/vllm.log" "$VLLM_PID"
     UPSTREAMS="http://127.0.0.1:$VLLM_PORT"
 fi
 
-say "Starting the gateway on 127.0.0.1:$GATEWAY_PORT (upstreams: $UPSTREAMS; log: logs/gateway.log)"
+say "Starting the gateway on 127.0.0.1:$GATEWAY_PORT (upstreams: $UPSTREAMS; log: $SHOWN_LOGS/gateway.log)"
 "$VENV/bin/python" -m gateway --host 127.0.0.1 --port "$GATEWAY_PORT" \
     --upstreams "$UPSTREAMS" --window "$MAX_NUM_SEQS" >>"$LOGS/gateway.log" 2>&1 &
 GATEWAY_PID=$!
+echo "$GATEWAY_PID" >"$LOGS/gateway.pid"
 wait_http "http://127.0.0.1:$GATEWAY_PORT/ready" 120 "the gateway" "$LOGS/gateway.log" "$GATEWAY_PID"
 
 cat <<MSG
@@ -63,6 +137,7 @@ cat <<MSG
   Metrics: http://127.0.0.1:$GATEWAY_PORT/metrics    Press Ctrl-C to stop.
 
 MSG
-# Wait for either process to exit; then stop the other one too.
-wait -n ${VLLM_PID:+"$VLLM_PID"} "$GATEWAY_PID" || true
-say "a server exited on its own; see logs/"
+if [ -n "$OWN_VLLM" ]; then supervise; fi
+status=0
+wait "$GATEWAY_PID" || status=$?
+gateway_exited "$status"
