@@ -116,11 +116,12 @@ start_vllm() {
     set +m
 }
 
-# stop_group PID: SIGTERM the process group, then SIGKILL what is left after 20 s
+# stop_group PID [SECONDS]: SIGTERM the process group, then SIGKILL what is left after
+# SECONDS (default 20)
 stop_group() {
-    local pid=$1 i
+    local pid=$1 grace=${2:-20} i
     kill -TERM -- "-$pid" 2>/dev/null || return 0
-    for i in $(seq 1 40); do
+    for i in $(seq 1 $((grace * 2))); do
         kill -0 -- "-$pid" 2>/dev/null || return 0
         sleep 0.5
     done

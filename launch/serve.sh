@@ -53,47 +53,82 @@ launch_vllm() {
     echo "$VLLM_PID" >"$LOGS/vllm.pid"
 }
 
-# supervise: wait for either server to exit. vLLM is started again after a back-off; the
-# gateway exiting ends serve.sh. Waiting is done with `wait -n`, which a trapped signal
-# interrupts at once, so Ctrl-C / SIGTERM stop everything even during a back-off.
+# supervise: watch both servers. vLLM is started again after a back-off; the gateway exiting
+# ends serve.sh. `wait -n` sleeps until a server exits or a timer ticks, and a trapped signal
+# interrupts it at once, so Ctrl-C / SIGTERM stop everything even during a back-off. Who has
+# exited is then asked with `kill -0`: `wait -n` never reports a child that bash already
+# reaped during another command (it says "no such job"), e.g. while wait_http was running.
 supervise() {
-    local delay=$RESTART_MIN_S healthy_since="" restarted="" timer which status
+    local delay=$RESTART_MIN_S restart_at=0 healthy_since="" restarted="" tick timer status
+    local announced="" warned="" started=$SECONDS
     while true; do
-        if [ -n "$VLLM_PID" ]; then sleep "$CHECK_EVERY_S" & else sleep "$delay" & fi
-        TIMER_PID=$! timer=$!
-        which="" status=0
-        wait -n -p which "$GATEWAY_PID" ${VLLM_PID:+"$VLLM_PID"} "$timer" || status=$?
-        if [ "$which" != "$timer" ]; then kill "$timer" 2>/dev/null || true; fi
-        wait "$timer" 2>/dev/null || true
-        TIMER_PID=""
-        if [ "$which" = "$GATEWAY_PID" ]; then
+        # A plain `wait PID` gives an exited child's status, even one bash reaped already.
+        if ! kill -0 "$GATEWAY_PID" 2>/dev/null; then
+            status=0
+            wait "$GATEWAY_PID" 2>/dev/null || status=$?
             gateway_exited "$status"
-        elif [ -n "$VLLM_PID" ] && [ "$which" = "$VLLM_PID" ]; then
-            # Its engine process may outlive the API server, holding the port and memory.
-            stop_group "$VLLM_PID"
+        fi
+        if [ -n "$VLLM_PID" ] && ! kill -0 "$VLLM_PID" 2>/dev/null; then
+            status=0
+            wait "$VLLM_PID" 2>/dev/null || status=$?
+            # Its engine processes outlive the API server, holding the port and memory, and
+            # linger over 20 s after SIGTERM (measured): with nobody left to serve, 5 s is enough.
+            stop_group "$VLLM_PID" 5
             VLLM_PID=""
             rm -f "$LOGS/vllm.pid"
             if [ -n "$healthy_since" ] && [ $((SECONDS - healthy_since)) -ge "$HEALTHY_RESETS_AFTER_S" ]; then
                 delay=$RESTART_MIN_S
             fi
             healthy_since=""
+            restart_at=$((SECONDS + delay))
             say "vLLM exited (code $status); restarting in $delay s, log: $SHOWN_LOGS/vllm.log"
-        elif [ "$which" = "$timer" ] && [ -z "$VLLM_PID" ]; then
+            delay=$((delay * 2 > RESTART_MAX_S ? RESTART_MAX_S : delay * 2))
+        fi
+        if [ -z "$VLLM_PID" ] && [ "$SECONDS" -ge "$restart_at" ]; then
             printf '\n==== %s  serve.sh: restarting vLLM after it exited ====\n' "$(date -Is)" >>"$LOGS/vllm.log"
             launch_vllm
             say "Restarted vLLM (pid $VLLM_PID); the gateway answers 503 until it is ready"
-            delay=$((delay * 2 > RESTART_MAX_S ? RESTART_MAX_S : delay * 2))
             restarted=1
-        elif [ "$which" = "$timer" ]; then
-            if [ -z "$healthy_since" ] && curl -sf -m 2 -o /dev/null "http://127.0.0.1:$VLLM_PORT/health"; then
-                healthy_since=$SECONDS
-                if [ -n "$restarted" ]; then say "vLLM is serving again"; fi
-            fi
-        else
-            say "serve.sh lost track of its servers (wait: $status); stopping"
-            exit 1
         fi
+        if [ -n "$VLLM_PID" ] && [ -z "$healthy_since" ] \
+            && curl -sf -m 2 -o /dev/null "http://127.0.0.1:$VLLM_PORT/health"; then
+            healthy_since=$SECONDS
+            if [ -n "$restarted" ]; then say "vLLM is serving again"; fi
+        fi
+        if [ -z "$announced" ] && curl -sf -m 2 -o /dev/null "http://127.0.0.1:$GATEWAY_PORT/ready"; then
+            announce
+            announced=1
+        elif [ -z "$announced$warned" ] && [ $((SECONDS - started)) -ge 120 ]; then
+            say "the gateway is not ready after 120 s; see $SHOWN_LOGS/gateway.log"
+            warned=1
+        fi
+        tick=$CHECK_EVERY_S
+        if [ -z "$VLLM_PID" ]; then tick=$((restart_at - SECONDS > 0 ? restart_at - SECONDS : 0)); fi
+        if [ -z "$announced" ] && [ "$tick" -gt 1 ]; then tick=1; fi
+        sleep "$tick" &
+        TIMER_PID=$! timer=$!
+        wait -n "$GATEWAY_PID" ${VLLM_PID:+"$VLLM_PID"} "$timer" 2>/dev/null || true
+        kill "$timer" 2>/dev/null || true
+        wait "$timer" 2>/dev/null || true
+        TIMER_PID=""
     done
+}
+
+announce() {
+    cat <<MSG
+
+  qwen-gateway is ready:  http://127.0.0.1:$GATEWAY_PORT/v1   (tasks: GET /v1/models)
+
+  curl -s http://127.0.0.1:$GATEWAY_PORT/v1/chat/completions -H 'Content-Type: application/json' \\
+       -d '{"model": "sentiment", "messages": [{"role": "user", "content": "这家餐厅太好吃了"}]}'
+
+  from openai import OpenAI
+  client = OpenAI(base_url="http://127.0.0.1:$GATEWAY_PORT/v1", api_key="unused")
+  client.chat.completions.create(model="chat", messages=[{"role": "user", "content": "Hi!"}])
+
+  Metrics: http://127.0.0.1:$GATEWAY_PORT/metrics    Press Ctrl-C to stop.
+
+MSG
 }
 
 # gateway_exited STATUS: say so and end serve.sh with 1 (serving stopped unasked)
@@ -121,23 +156,14 @@ say "Starting the gateway on 127.0.0.1:$GATEWAY_PORT (upstreams: $UPSTREAMS; log
     --upstreams "$UPSTREAMS" --window "$MAX_NUM_SEQS" >>"$LOGS/gateway.log" 2>&1 &
 GATEWAY_PID=$!
 echo "$GATEWAY_PID" >"$LOGS/gateway.pid"
-wait_http "http://127.0.0.1:$GATEWAY_PORT/ready" 120 "the gateway" "$LOGS/gateway.log" "$GATEWAY_PID"
-
-cat <<MSG
-
-  qwen-gateway is ready:  http://127.0.0.1:$GATEWAY_PORT/v1   (tasks: GET /v1/models)
-
-  curl -s http://127.0.0.1:$GATEWAY_PORT/v1/chat/completions -H 'Content-Type: application/json' \\
-       -d '{"model": "sentiment", "messages": [{"role": "user", "content": "这家餐厅太好吃了"}]}'
-
-  from openai import OpenAI
-  client = OpenAI(base_url="http://127.0.0.1:$GATEWAY_PORT/v1", api_key="unused")
-  client.chat.completions.create(model="chat", messages=[{"role": "user", "content": "Hi!"}])
-
-  Metrics: http://127.0.0.1:$GATEWAY_PORT/metrics    Press Ctrl-C to stop.
-
-MSG
-if [ -n "$OWN_VLLM" ]; then supervise; fi
-status=0
-wait "$GATEWAY_PID" || status=$?
-gateway_exited "$status"
+if [ -z "$OWN_VLLM" ]; then
+    wait_http "http://127.0.0.1:$GATEWAY_PORT/ready" 120 "the gateway" "$LOGS/gateway.log" "$GATEWAY_PID"
+    announce
+    status=0
+    wait "$GATEWAY_PID" || status=$?
+    gateway_exited "$status"
+fi
+# The gateway's process is up; supervise says it is ready once /ready answers 200 (vLLM may
+# die and be restarted meanwhile).
+wait_http "http://127.0.0.1:$GATEWAY_PORT/health" 120 "the gateway" "$LOGS/gateway.log" "$GATEWAY_PID"
+supervise
