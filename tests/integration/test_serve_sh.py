@@ -106,6 +106,8 @@ class ServeSh:
             LOG_DIR=str(LOGS),
         )
         self.vllm_port = vllm_port
+        self.started_at = time.monotonic()
+        self.first_ready_s = 0.0  # serve.sh's start to the gateway's first /ready 200
         self.vllm_pids: set[int] = set()  # every vLLM serve.sh was seen to run
         with (LOGS / "serve.log").open("wb") as out:
             self.process = subprocess.Popen(
@@ -174,6 +176,7 @@ async def serve_sh() -> AsyncIterator[tuple[ServeSh, httpx.AsyncClient]]:
                     serve.check_running()
                     with suppress(httpx.TransportError):
                         if (await client.get("/ready")).status_code == 200:
+                            serve.first_ready_s = time.monotonic() - serve.started_at
                             break
                     await asyncio.sleep(1)
             yield serve, client
@@ -223,10 +226,17 @@ async def test_serve_sh_restarts_vllm_and_keeps_the_gateway_up() -> None:
         # serve.sh starts another vLLM by itself, and the gateway takes it up.
         second = await serve.new_vllm(first, timeout_s=RECOVER_S)
         assert not group_alive(first)  # the old engine went with its API server
-        async with asyncio.timeout(RECOVER_S - (time.monotonic() - killed_at)):
-            while (await c.get("/ready")).status_code != 200:
-                serve.check_running()
-                await asyncio.sleep(0.5)
+        try:
+            async with asyncio.timeout(RECOVER_S - (time.monotonic() - killed_at)):
+                while (await c.get("/ready")).status_code != 200:
+                    serve.check_running()
+                    await asyncio.sleep(0.5)
+        except TimeoutError:
+            raise AssertionError(
+                f"/ready was not 200 within {RECOVER_S} s of the kill; the first start took "
+                f"{serve.first_ready_s:.0f} s, load average {os.getloadavg()}:\n"
+                f"{tail(LOGS / 'serve.log')}"
+            ) from None
         ready_after_s = time.monotonic() - killed_at
         r = await c.post("/v1/chat/completions", json=SHORT)
         assert r.status_code == 200, r.text
@@ -240,7 +250,8 @@ async def test_serve_sh_restarts_vllm_and_keeps_the_gateway_up() -> None:
         stopping = time.monotonic()
         assert serve.process.wait(timeout=90) == 0, tail(LOGS / "serve.log")
         print(
-            f"serve.sh: in-band error {error_after_s:.2f} s after SIGKILL, /ready 200 again "
+            f"serve.sh: ready {serve.first_ready_s:.0f} s after its start; "
+            f"in-band error {error_after_s:.2f} s after SIGKILL, /ready 200 again "
             f"after {ready_after_s:.1f} s, stopped {time.monotonic() - stopping:.1f} s after SIGTERM"
         )
         assert not alive(gateway)
