@@ -11,6 +11,9 @@
     ├── ServiceUnavailable       503     service_unavailable     no usable upstream, shed
     └── DeadlineExceeded         504     timeout_error           deadline passed
 
+Every 503 carries ``Retry-After`` (its own, else :data:`RETRY_AFTER_503_S`), so clients that
+honour it (OpenAI's SDKs do) come back after a pause rather than at once.
+
 Once a stream has started the status line is gone, so the same envelope is sent in band as
 an SSE ``data:`` event followed by ``data: [DONE]`` (see :mod:`gateway.sse`).
 """
@@ -19,6 +22,10 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
+
+#: ``Retry-After`` of a 503 that names none: an upstream that went away is seen back by the
+#: health checks (every 2 s by default), a restarted vLLM takes about a minute on CPU.
+RETRY_AFTER_503_S = 5
 
 
 class GatewayError(Exception):
@@ -94,6 +101,18 @@ class BadGateway(GatewayError):
 class ServiceUnavailable(GatewayError):
     status = 503
     type = "service_unavailable"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: str | None = None,
+        param: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(message, code=code, param=param, headers=headers)
+        if not any(name.lower() == "retry-after" for name in self.headers):
+            self.headers["Retry-After"] = str(RETRY_AFTER_503_S)
 
 
 class DeadlineExceeded(GatewayError):

@@ -100,7 +100,8 @@ ensure_model() {
         || fail "building the $kind model" "read the message above; delete $dir and retry"
 }
 
-# start_vllm MODEL PORT MAX_NUM_SEQS LOGFILE [extra vLLM args...] -> sets VLLM_PID (process group leader)
+# start_vllm MODEL PORT MAX_NUM_SEQS LOGFILE [extra vLLM args...] -> sets VLLM_PID (process group
+# leader). The log is appended to, so a restart keeps the previous run's last words.
 start_vllm() {
     local model=$1 port=$2 seqs=$3 logfile=$4
     shift 4
@@ -110,16 +111,17 @@ start_vllm() {
     # foreground group) leaves vLLM to be stopped in order. `setsid` is no good here: it forks
     # when the caller already leads a group, and $! is then a process that has already gone.
     set -m
-    "$ROOT/launch/vllm.sh" "$model" "$port" "$seqs" "$@" >"$logfile" 2>&1 &
+    "$ROOT/launch/vllm.sh" "$model" "$port" "$seqs" "$@" >>"$logfile" 2>&1 &
     VLLM_PID=$!
     set +m
 }
 
-# stop_group PID: SIGTERM the process group, then SIGKILL what is left after 20 s
+# stop_group PID [SECONDS]: SIGTERM the process group, then SIGKILL what is left after
+# SECONDS (default 20)
 stop_group() {
-    local pid=$1 i
+    local pid=$1 grace=${2:-20} i
     kill -TERM -- "-$pid" 2>/dev/null || return 0
-    for i in $(seq 1 40); do
+    for i in $(seq 1 $((grace * 2))); do
         kill -0 -- "-$pid" 2>/dev/null || return 0
         sleep 0.5
     done

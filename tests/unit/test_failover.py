@@ -183,6 +183,9 @@ async def test_an_upstream_that_was_never_up_is_polled_not_tripped(
     ):
         await asyncio.sleep(1.5)  # several failed checks: a breaker would have opened
         assert (await c.get("/ready")).status_code == 503
+        r = await c.post("/v1/chat/completions", json=CHAT)
+        assert (r.status_code, r.json()["error"]["code"]) == (503, "no_upstream")
+        assert int(r.headers["retry-after"]) >= 1  # every 503 says when to come back
         assert await breaker(c, fake) == CLOSED
         await fake.start(port)
         async with asyncio.timeout(2):
@@ -274,6 +277,7 @@ async def test_both_upstreams_failing_is_the_last_error(
         r = await c.post("/v1/chat/completions", json=CHAT)
         assert r.status_code == 503
         assert r.json()["error"]["code"] == "upstream_busy"
+        assert int(r.headers["retry-after"]) >= 1
         assert (len(fake.seen), len(other.seen)) == (1, 1)  # one try per upstream, no more
         assert await metric(c, 'gateway_inflight_requests{upstream="') == 0
 
