@@ -6,6 +6,11 @@ read live. Per-task percentiles come from :class:`Recent`, a bounded ring of eac
 last finished requests fed by :func:`gateway.exchange.record` (through
 ``Metrics.on_request``), over the same population as ``gateway_request_duration_seconds``, so
 the page and the dashboard agree. Prometheus remains the place for history and alerts.
+
+What the gateway keeps about past requests is bounded, and ``bounds`` in the snapshot counts
+it against its bound: the rings hold at most ``per_task`` requests per task name in the task
+table (about 150 bytes each: 2,048 x 7 shipped tasks is ~2 MiB when all are full), which is
+where a long soak's memory levels off only once every ring is full.
 """
 
 from __future__ import annotations
@@ -63,6 +68,10 @@ class Recent:
             ring = self._rings[task] = deque(maxlen=self.per_task)
         ring.append(Finished(now, duration_s, ttft_s, outcome, error_code))
 
+    def kept(self) -> dict[str, int]:
+        """How many finished requests each task's ring holds now (at most ``per_task``)."""
+        return {task: len(ring) for task, ring in self._rings.items()}
+
     def window(self, task: str, now: float) -> list[Finished]:
         """The task's requests that finished within the horizon, oldest first."""
         since = now - self.horizon_s
@@ -98,6 +107,7 @@ def snapshot(rt: Runtime) -> dict[str, Any]:
             for task, done in zip(config.tasks.values(), recent.values(), strict=True)
         ],
         "rejections": _rejections(rt, recent.values()),
+        "bounds": {"recent": {"per_task": rt.recent.per_task, "kept": rt.recent.kept()}},
     }
 
 
