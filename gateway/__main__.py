@@ -16,11 +16,12 @@ import sys
 from collections.abc import Iterator, Sequence
 
 import uvicorn
+from starlette.types import ASGIApp
 
 from gateway.app import create_app
 from gateway.auth import load_keyring
 from gateway.config import ConfigError
-from gateway.settings import parse_settings
+from gateway.settings import Settings, parse_settings
 from gateway.shutdown import Drain
 
 #: uvicorn's own deadline for open connections, this long after the drain's: by then the
@@ -113,6 +114,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.error("invalid configuration: %s", exc)
         return 2
     host = listen_host(settings.host, keys_enabled=keys.enabled)
+    server = build_server(app, settings, host, drain)
+    server.run()
+    return 0 if server.started else 3  # 3: uvicorn's "startup failed"
+
+
+def build_server(app: ASGIApp, settings: Settings, host: str, drain: Drain) -> GatewayServer:
+    """uvicorn as the gateway runs: uvloop, httptools, no uvicorn access log. ``app`` may wrap
+    the gateway's (``loadtest/memprobe.py`` wraps it in a memory probe)."""
     config = uvicorn.Config(
         app,
         host=host,
@@ -124,9 +133,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         timeout_keep_alive=30,
         timeout_graceful_shutdown=math.ceil(settings.shutdown_grace_s) + BACKSTOP_S,
     )
-    server = GatewayServer(config, drain)
-    server.run()
-    return 0 if server.started else 3  # 3: uvicorn's "startup failed"
+    return GatewayServer(config, drain)
 
 
 if __name__ == "__main__":
