@@ -4,8 +4,8 @@
     .venv/bin/python loadtest/memprobe.py --minutes 12 --fix expiry    # with a proposed fix
     .venv/bin/python loadtest/memprobe.py --minutes 6 --tracemalloc 6  # where growth is allocated
 
-It starts the paced fake upstream (``loadtest/fake_upstream.py``, ~40 ms a generation) and
-the gateway exactly as ``python -m gateway`` runs it (uvicorn, uvloop, httptools, the
+It starts the paced fake upstream (``loadtest/fake_upstream.py``, ~40 ms a generation; or
+vLLM and the tiny model with ``--upstream vllm``, as the soak does) and the gateway exactly as ``python -m gateway`` runs it (uvicorn, uvloop, httptools, the
 start-up heap frozen), wrapped in a probe: ``GET /_memprobe`` answers from inside the
 gateway's process with
 
@@ -19,9 +19,9 @@ gateway's process with
   page's rings, the shutdown drain's watch set, asyncio tasks, pooled upstream connections,
   uvicorn's connections, Prometheus series.
 
-One load process drives the soak's mix (``loadtest/soak.py``, with timings for the fast
-fake: ok, 400, 404, 429, 504 in the queue and in band, abandoned streams, clients giving up
-in the queue) at concurrency ``--concurrency`` against window ``--window``, probing every
+One load process drives the soak's mix (``loadtest/soak.py``, with its timings for the
+upstream: ok, 400, 404, 429, 504 in the queue and in band, abandoned streams, clients giving
+up in the queue) at the soak's concurrency and window, probing every
 ``--probe-every`` seconds. With ``--tracemalloc`` it dumps snapshots after the warm-up, at
 half time and at the end, and prints the allocation sites that grew most over the second half
 (everything bounded is full by then) and over the whole run.
@@ -57,8 +57,17 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script: make `loadtest.*` and `gateway` importable
     sys.path.insert(0, str(ROOT))
 
-from loadtest.soak import FAKE_PACE, FAKE_PROFILE, MIX, keys_file, one_request  # noqa: E402
-from loadtest.stack import describe_machine, fake_upstream, gateway_server, port_is_free  # noqa: E402
+from loadtest.soak import (  # noqa: E402
+    FAKE_PROFILE,
+    FAKE_WINDOW,
+    MIX,
+    VLLM_PROFILE,
+    WINDOW,
+    keys_file,
+    one_request,
+    start_upstream,
+)
+from loadtest.stack import describe_machine, gateway_server, port_is_free  # noqa: E402
 
 OUT = ROOT / "loadtest" / "out"
 #: Types whose live counts are always reported (the rest: the most numerous).
@@ -331,7 +340,7 @@ async def drive(
             while time.monotonic() < until:
                 kind = rng.choices(kinds, weights)[0]
                 try:
-                    outcome = await one_request(session, url, kind, rng, FAKE_PROFILE)
+                    outcome = await one_request(session, url, kind, rng, a.profile)
                 except (aiohttp.ClientError, TimeoutError) as exc:
                     outcome = f"exception:{type(exc).__name__}"
                 into[f"{kind} {outcome}"] += 1
@@ -484,8 +493,9 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--minutes", type=float, default=10.0, help="load after the warm-up")
     p.add_argument("--warmup", type=float, default=20.0, help="seconds of load before measuring")
-    p.add_argument("--concurrency", type=int, default=32)
-    p.add_argument("--window", type=int, default=16, help="the gateway's window at the fake")
+    p.add_argument("--upstream", choices=("fake", "vllm"), default="fake")
+    p.add_argument("--model", help="tiny model folder (--upstream vllm)")
+    p.add_argument("--concurrency", type=int, help="clients (default: 32, vllm 8)")
     p.add_argument("--probe-every", type=float, default=30.0, help="seconds between probes")
     p.add_argument("--idle", type=float, default=35.0, help="seconds idle after the load")
     p.add_argument("--tracemalloc", type=int, default=0, metavar="FRAMES", help="0: off")
@@ -495,17 +505,16 @@ def main() -> int:
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--label", default="", help="names the output (default: from --fix)")
     a = p.parse_args()
+    fake = a.upstream == "fake"
+    a.concurrency = a.concurrency or (32 if fake else 8)
+    a.window = FAKE_WINDOW if fake else WINDOW
+    a.profile = FAKE_PROFILE if fake else VLLM_PROFILE
     label = a.label or ("fix-" + "-".join(a.fix) if a.fix else "shipped")
     OUT.mkdir(parents=True, exist_ok=True)
     ports = [port for port in range(19600, 19700) if port_is_free(port)][:2]
-    fake = fake_upstream(ports[0], OUT / f"memprobe-{label}-fake.log", **FAKE_PACE)  # type: ignore[arg-type]
     launcher = [sys.executable, str(Path(__file__).resolve()), "serve"]
     launcher += [f"--tracemalloc={a.tracemalloc}", *(f"--fix={f}" for f in a.fix), "--"]
     keys = keys_file(OUT / "memprobe-keys.toml")
-    gateway = gateway_server(
-        ports[1], fake.url, a.window, OUT / f"memprobe-{label}-gateway.log", keys=keys,
-        launcher=launcher,
-    )  # fmt: skip
     machine = describe_machine()
     print(f"machine: {machine.markdown()}", flush=True)
     snapshot_dir = OUT / "memprobe-snapshots"
@@ -514,18 +523,22 @@ def main() -> int:
     def snapshot(name: str) -> str | None:
         return str(snapshot_dir / f"{label}-{name}.tracemalloc") if a.tracemalloc else None
 
+    upstream, about = start_upstream(a, ports[0], OUT)
+    gateway = gateway_server(
+        ports[1], upstream.url, a.window, OUT / f"memprobe-{label}-gateway.log", keys=keys,
+        launcher=launcher,
+    )  # fmt: skip
     try:
-        fake.start().wait_ready("/health", 30)
         gateway.start().wait_ready("/ready", 60)
         print(
-            f"gateway pid {gateway.pid} ({label}) -> paced fake {fake.url}; {a.minutes:g} min, "
+            f"gateway pid {gateway.pid} ({label}) -> {about['about']}; {a.minutes:g} min, "
             f"concurrency {a.concurrency}, window {a.window}, tracemalloc {a.tracemalloc or 'off'}",
             flush=True,
         )
         run = asyncio.run(drive(gateway.url, gateway.pid, a, snapshot))
     finally:
         gateway.stop()
-        fake.stop()
+        upstream.stop()
     counts: Counter[str] = run["counts"]
     by_outcome: Counter[str] = Counter()
     for key, n in counts.items():
@@ -534,7 +547,10 @@ def main() -> int:
     result: dict[str, Any] = {
         "label": label,
         "machine": asdict(machine),
-        "config": {k: v for k, v in vars(a).items()} | {"fake_pace": FAKE_PACE, "mix": MIX},
+        "upstream": about["about"],
+        "config": {k: v for k, v in vars(a).items() if k != "profile"}
+        | {k: v for k, v in about.items() if k != "about"}
+        | {"mix": MIX, "profile": asdict(a.profile)},
         "requests": {
             "total": total,
             "per_s": round(total / run["elapsed_s"], 1),
