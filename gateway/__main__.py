@@ -17,6 +17,7 @@ from collections.abc import Iterator, Sequence
 
 import uvicorn
 from starlette.types import ASGIApp
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from gateway.app import create_app
 from gateway.auth import load_keyring
@@ -61,6 +62,20 @@ def listen_host(host: str, *, keys_enabled: bool) -> str:
         return "127.0.0.1"
     log.info("no API keys configured: serving local clients on %s only", host)
     return host
+
+
+class HttpProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol, letting go of a connection as soon as it is lost.
+
+    uvicorn cancels a connection's keep-alive timer only when the connection closes cleanly.
+    When a client resets it instead (one that gave up, or abandoned a stream), the timer keeps
+    the protocol, its transport and its last request's scope alive for the keep-alive
+    timeout (30 s): under a steady rate of such clients, that many seconds of them (issue 16).
+    """
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        self._unset_keepalive_if_required()
 
 
 class GatewayServer(uvicorn.Server):
@@ -127,7 +142,7 @@ def build_server(app: ASGIApp, settings: Settings, host: str, drain: Drain) -> G
         host=host,
         port=settings.port,
         loop="uvloop",
-        http="httptools",
+        http=HttpProtocol,
         access_log=False,  # the gateway writes its own, richer access log
         log_level=settings.log_level,
         timeout_keep_alive=30,

@@ -75,7 +75,7 @@ WATCHED_TYPES = (
     "Ticket", "Exchange", "Step", "OpenStream", "UpstreamResponse", "ClientResponse",
     "ResponseHandler", "Task", "Future", "TimerHandle", "coroutine", "async_generator",
     "frame", "cell", "function", "Request", "Response", "StreamingResponse", "_Watched",
-    "HttpToolsProtocol", "RequestResponseCycle", "traceback",
+    "HttpToolsProtocol", "HttpProtocol", "RequestResponseCycle", "traceback",
 )  # fmt: skip
 
 
@@ -414,11 +414,12 @@ def _print_sample(m: dict[str, Any]) -> None:
     ring_text = "/".join(str(n) for n in rings.values()) or "-"
     traced = f"{m['traced_kib'] / 1024:7.1f}" if "traced_kib" in m else f"{'-':>7}"
     watched = m["objects"]["watched"]
+    protocols = watched["HttpToolsProtocol"] + watched.get("HttpProtocol", 0)  # uvicorn's, ours
     print(
         f"{m['t_s']:5.0f} {m['requests']:9d} {m['rss_kib'] / 1024:8.1f} {traced} "
         f"{sch['expiry_heap']:7d} {sch['queued']:6d} {ring_text:>17} "
         f"{m['runtime']['asyncio_tasks']:5d} {m['objects']['tracked']:8d} "
-        f"{watched['ClientResponse']:6d} {watched['HttpToolsProtocol']:6d} {watched['frame']:6d}",
+        f"{watched['ClientResponse']:6d} {protocols:6d} {watched['frame']:6d}",
         flush=True,
     )
 
