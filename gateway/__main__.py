@@ -18,6 +18,8 @@ from collections.abc import Iterator, Sequence
 from queue import SimpleQueue
 
 import uvicorn
+from starlette.types import ASGIApp
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from gateway.app import create_app
 from gateway.auth import load_keyring
@@ -84,6 +86,20 @@ def listen_host(host: str, *, keys_enabled: bool) -> str:
     return host
 
 
+class HttpProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol, letting go of a connection as soon as it is lost.
+
+    uvicorn cancels a connection's keep-alive timer only when the connection closes cleanly.
+    When a client resets it instead (one that gave up, or abandoned a stream), the timer keeps
+    the protocol, its transport and its last request's scope alive for the keep-alive
+    timeout (30 s): under a steady rate of such clients, that many seconds of them (issue 16).
+    """
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        self._unset_keepalive_if_required()
+
+
 class GatewayServer(uvicorn.Server):
     """uvicorn's server, draining the gateway when it stops listening.
 
@@ -139,20 +155,26 @@ def _serve(settings: Settings) -> int:
         log.error("invalid configuration: %s", exc)
         return 2
     host = listen_host(settings.host, keys_enabled=keys.enabled)
+    server = build_server(app, settings, host, drain)
+    server.run()
+    return 0 if server.started else 3  # 3: uvicorn's "startup failed"
+
+
+def build_server(app: ASGIApp, settings: Settings, host: str, drain: Drain) -> GatewayServer:
+    """uvicorn as the gateway runs: uvloop, httptools, no uvicorn access log. ``app`` may wrap
+    the gateway's (``loadtest/memprobe.py`` wraps it in a memory probe)."""
     config = uvicorn.Config(
         app,
         host=host,
         port=settings.port,
         loop="uvloop",
-        http="httptools",
+        http=HttpProtocol,
         access_log=False,  # the gateway writes its own, richer access log
         log_level=settings.log_level,
         timeout_keep_alive=30,
         timeout_graceful_shutdown=math.ceil(settings.shutdown_grace_s) + BACKSTOP_S,
     )
-    server = GatewayServer(config, drain)
-    server.run()
-    return 0 if server.started else 3  # 3: uvicorn's "startup failed"
+    return GatewayServer(config, drain)
 
 
 if __name__ == "__main__":

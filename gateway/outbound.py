@@ -113,7 +113,7 @@ class UpstreamResponse:
         except TimeoutError as exc:
             raise UpstreamTimeout("the upstream stopped answering") from exc
         except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
-            raise BadGateway(f"the upstream broke off its answer: {exc}") from exc
+            raise BadGateway(f"the upstream broke off its answer: {exc}") from _untraced(exc)
         finally:
             self._response.release()
 
@@ -129,7 +129,7 @@ class UpstreamResponse:
             except TimeoutError as exc:  # before the connection errors: it is one too
                 raise UpstreamTimeout("the upstream sent nothing within the read timeout") from exc
             except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
-                raise BadGateway(f"the upstream broke off the stream: {exc}") from exc
+                raise BadGateway(f"the upstream broke off the stream: {exc}") from _untraced(exc)
             if not data:
                 return  # end of stream; an unfinished event is not an event
             if pending:
@@ -144,7 +144,17 @@ class UpstreamResponse:
             yield data[: end + 2]
 
     def abort(self) -> None:
-        """Drop the connection. vLLM notices the disconnect and aborts the request."""
+        """Drop the connection. vLLM notices the disconnect and aborts the request.
+
+        A reader still waiting for the next event (a stream whose deadline passed) is woken
+        with an exception of its own. Left to aiohttp, it would get aiohttp's one shared
+        "Connection closed" instance (a module global), and every raise of that instance
+        appends the reader's frames, and the response and buffers they hold, to its
+        traceback, for the life of the process (issue 16).
+        """
+        content = self._response.content
+        if content.exception() is None:
+            content.set_exception(aiohttp.ClientConnectionError("the gateway closed the response"))
         self._response.close()
 
     def release(self) -> None:
@@ -222,6 +232,13 @@ class UpstreamClient:
                     return response.status, await response.read()
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise UpstreamUnavailable(f"upstream {_origin(url)} is unreachable: {exc!r}") from exc
+
+
+def _untraced(exc: BaseException) -> BaseException:
+    """``exc`` without its traceback. aiohttp raises some exception instances again and again
+    (a module-level "Connection closed"); each raise appends frames to the instance's
+    traceback, which would keep every request that hit it alive. The message says enough."""
+    return exc.with_traceback(None)
 
 
 def _origin(url: str) -> str:

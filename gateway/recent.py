@@ -52,10 +52,9 @@ class Recent:
             ring = self._rings[task] = deque(maxlen=self.per_task)
         ring.append(Finished(now, duration_s, ttft_s, outcome, error_code))
 
-    @property
-    def tasks(self) -> int:
-        """How many rings exist (one per task name seen; task names come from the table)."""
-        return len(self._rings)
+    def kept(self) -> dict[str, int]:
+        """How many finished requests each task's ring holds now (at most ``per_task``)."""
+        return {task: len(ring) for task, ring in self._rings.items()}
 
     def window(self, task: str, now: float) -> list[Finished]:
         """The task's requests that finished within the horizon, oldest first."""

@@ -4,7 +4,8 @@
 #
 #   ./launch/bench.sh slo [--quick | --repeats 2 | ...]    # vLLM alone vs the gateway, default model
 #   ./launch/bench.sh overhead [--rounds 3 | ...]           # the gateway's own cost, wrk + a fake upstream
-#   ./launch/bench.sh soak [--minutes 10 | ...]             # memory and FDs under mixed load, tiny model
+#   ./launch/bench.sh soak [--minutes 60 | ...]             # memory and FDs under mixed load, tiny model
+#   ./launch/bench.sh soak --upstream fake                  # the same against a fast fake (no vLLM)
 #
 # Each prints its results and where it wrote them; `--help` after the name lists its options.
 set -euo pipefail
@@ -23,9 +24,14 @@ case $name in
         export QWEN_GATEWAY_DEFAULT_MODEL="$DEFAULT_MODEL_DIR"
         ;;
     soak)
-        ensure_vllm_venv
-        ensure_model tiny "$TINY_MODEL_DIR"
-        export QWEN_GATEWAY_TINY_MODEL="$TINY_MODEL_DIR"
+        case " $* " in
+            *" --upstream fake "* | *" --upstream=fake "*) ;;  # no vLLM, no model
+            *)
+                ensure_vllm_venv
+                ensure_model tiny "$TINY_MODEL_DIR"
+                export QWEN_GATEWAY_TINY_MODEL="$TINY_MODEL_DIR"
+                ;;
+        esac
         ;;
     overhead)
         command -v wrk >/dev/null || apt_install wrk

@@ -129,17 +129,38 @@ def vllm_server(
 
 
 def gateway_server(
-    port: int, upstream: str, window: int, log_path: Path, tasks: Path | None = None
+    port: int,
+    upstream: str,
+    window: int,
+    log_path: Path,
+    tasks: Path | None = None,
+    keys: Path | None = None,
+    launcher: list[str] | None = None,
 ) -> Server:
+    """The gateway as ``python -m gateway``, or under ``launcher`` (e.g. a memory probe's
+    ``[python, loadtest/memprobe.py, serve, --]``), which gets the same arguments."""
     argv = [
-        sys.executable, "-m", "gateway",
+        *(launcher or [sys.executable, "-m", "gateway"]),
         "--host", "127.0.0.1", "--port", str(port),
         "--upstreams", upstream, "--window", str(window),
         "--access-log", "off", "--log-level", "warning",
     ]  # fmt: skip
     if tasks is not None:
         argv += ["--tasks", str(tasks)]
+    if keys is not None:
+        argv += ["--keys", str(keys)]
     return Server("gateway", argv, f"http://127.0.0.1:{port}", log_path, group=False)
+
+
+def fake_upstream(
+    port: int, log_path: Path, chunks: int, first_ms: float = 0.0, chunk_ms: float = 0.0
+) -> Server:
+    """``loadtest/fake_upstream.py``, paced when ``first_ms`` or ``chunk_ms`` is set."""
+    argv = [
+        sys.executable, str(ROOT / "loadtest" / "fake_upstream.py"), "--port", str(port),
+        "--chunks", str(chunks), "--first-ms", str(first_ms), "--chunk-ms", str(chunk_ms),
+    ]  # fmt: skip
+    return Server("fake upstream", argv, f"http://127.0.0.1:{port}", log_path, group=False)
 
 
 def cpu_seconds(pid: int) -> float:

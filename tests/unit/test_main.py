@@ -3,12 +3,18 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import socket
+import struct
 
 import pytest
 import uvicorn
 from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse
+from starlette.routing import Route
 
-from gateway.__main__ import GatewayServer, listen_host
+from gateway.__main__ import GatewayServer, HttpProtocol, build_server, listen_host
+from gateway.settings import Settings
 from gateway.shutdown import Drain
 
 
@@ -77,3 +83,42 @@ def test_access_lines_are_encoded_and_written_off_the_calling_thread(
     assert line["request_id"] == "r1"
     assert writers
     assert threading.current_thread().name not in writers
+
+
+def _protocols() -> int:
+    gc.collect()
+    return sum(1 for o in gc.get_objects() if type(o) is HttpProtocol)
+
+
+async def test_a_connection_the_client_resets_is_let_go_at_once() -> None:
+    """uvicorn keeps a reset connection's protocol, and its last request, until the keep-alive
+    timeout (30 s) passes; the gateway's protocol lets it go when it is lost (issue 16)."""
+
+    async def hello(request: Request) -> PlainTextResponse:
+        return PlainTextResponse("hello")
+
+    app = Starlette(routes=[Route("/", hello)])
+    settings = Settings(port=0, log_level="error")
+    server = build_server(app, settings, "127.0.0.1", Drain(1.0))
+    server.config.lifespan = "off"
+    serving = asyncio.create_task(server.serve())
+    try:
+        async with asyncio.timeout(10):
+            while not server.started:
+                await asyncio.sleep(0.01)
+        port = server.servers[0].sockets[0].getsockname()[1]
+        before = _protocols()
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET / HTTP/1.1\r\nHost: test\r\n\r\n")
+        assert (await reader.readuntil(b"hello")).startswith(b"HTTP/1.1 200")
+        assert _protocols() == before + 1  # answered, kept alive for the next request
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        writer.close()  # with linger 0: a reset, as a client that gives up sends
+        async with asyncio.timeout(5):
+            while _protocols() > before:
+                await asyncio.sleep(0.05)
+    finally:
+        server.should_exit = True
+        await serving
+        gc.unfreeze()

@@ -58,6 +58,7 @@ def test_recent_is_bounded_and_forgets_by_age() -> None:
     assert [f.at for f in recent.window("chat", now=13.5)] == [4.0]
     assert recent.window("chat", now=100.0) == []
     assert recent.window("never-seen", now=0.0) == []
+    assert recent.kept() == {"chat": 3}  # the bound, whatever the age
 
 
 async def test_status_json_after_traffic(start_gateway: GatewayFactory, fake: FakeVllm) -> None:
@@ -148,6 +149,12 @@ async def test_status_json_after_traffic(start_gateway: GatewayFactory, fake: Fa
         assert tasks["code"]["requests"] == 0
         assert tasks["code"]["latency_p95_s"] is None
         assert tasks["code"]["latency_ok"] is None
+
+        # What is kept of past requests, against its bound (the soak waits for it to fill).
+        assert status["bounds"]["recent"] == {
+            "per_task": 2048,
+            "kept": {"sentiment": 5, "chat": 3, "batch": 1},
+        }
 
         rejections = status["rejections"]
         assert rejections["recent"]["class_queue_full"] == 1
