@@ -177,6 +177,7 @@ def measure(state: dict[str, Any], server: Any, query: dict[str, str]) -> dict[s
         "expiry_heap_by_state": dict(states),
         "expiry_heap_bytes_each": _ticket_bytes(heap[0]) if heap else None,
         "queued": sch.queued,
+        "inflight": sum(w.inflight for w in sch.windows.values()),  # 0 when idle, or a slot leaked
         "drain_rate_times": len(sch.drain._times),
         "waiters": len(disp._waiters),
     }

@@ -479,8 +479,8 @@ def main() -> int:
     return verdict.exit_code
 
 
-def _cell(value: float | None, scale: float, width: int = 9) -> str:
-    return f"{value / scale:{width}.1f}" if value is not None else f"{'-':>{width}}"
+def _cell(value: float | None, scale: float, width: int = 9, digits: int = 1) -> str:
+    return f"{value / scale:{width}.{digits}f}" if value is not None else f"{'-':>{width}}"
 
 
 def print_summary(result: dict[str, Any], verdict: Verdict) -> None:
@@ -499,8 +499,8 @@ def print_summary(result: dict[str, Any], verdict: Verdict) -> None:
         t = result[key]
         print(
             f"{name:10} {_cell(t['start'], scale)} {_cell(t['end'], scale)} {_cell(t['max'], scale)} "
-            f"{_cell(t['idle'], scale)} {_cell(t['slope_per_min'], scale, 10)} "
-            f"{_cell(t['slope_per_min_second_half'], scale, 10)}"
+            f"{_cell(t['idle'], scale)} {_cell(t['slope_per_min'], scale, 10, 3)} "
+            f"{_cell(t['slope_per_min_second_half'], scale, 10, 3)}"
         )
     r = result["requests"]
     print(f"\n{r['total']} requests, {r['per_s']}/s")

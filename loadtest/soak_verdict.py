@@ -116,7 +116,10 @@ def judge(
     elif full_at is None or full_at > half:
         need = "" if full_at is None else f"; run at least {2 * full_at / 60:.0f} min"
         result = "INCONCLUSIVE"
-        reason = f"something bounded was still filling at half time ({_min(half)}){need}; {where}"
+        reason = (
+            f"something bounded was still filling at half time ({_min(half)}){need}; {where}; "
+            f"the second-half slope, not judged: {slope:+.3f} ± {stderr:.3f} MiB/min"
+        )
     else:
         result = "PASS" if slope <= limit else "FAIL"
         reason = (

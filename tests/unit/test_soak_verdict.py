@@ -67,6 +67,7 @@ def test_rings_filling_after_half_time_cannot_be_judged() -> None:
     assert verdict.exit_code == 2
     assert verdict.full_at_s == 900.0
     assert "run at least 30 min" in verdict.reason
+    assert "the second-half slope, not judged: +0.000" in verdict.reason
 
 
 def test_a_ring_never_full_or_a_long_queue_deadline_cannot_be_judged() -> None:
