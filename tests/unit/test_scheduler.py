@@ -633,3 +633,22 @@ def test_a_requeued_request_keeps_its_total_deadline_not_its_queue_deadline() ->
     s.dispatch(6.0)
     s.requeue(b, 6.0)
     assert s.next_expiry() == 100.0
+
+
+def test_tickets_that_left_the_queue_leave_the_expiry_heap_while_one_waits() -> None:
+    """The queue never empties (one request held back by headroom) while 1,000 batch
+    requests pass through: the heap must not keep them (the soak helper's reproducer)."""
+    s = scheduler(window=10)
+    waiting = ticket(BG, 0.0, queue_s=100.0)
+    admit_all(s, [waiting], 0.0)
+    running = [ticket(BATCH, 0.0, queue_s=600.0) for _ in range(7)]
+    admit_all(s, running, 0.0)
+    assert dispatched(s.dispatch(0.0)) == running
+    for i in range(1, 1001):
+        now = i * 0.005
+        admit_all(s, [ticket(BATCH, now, queue_s=600.0)], now)
+        s.release(running.pop(0), now)
+        running += dispatched(s.dispatch(now))
+        assert waiting.state is State.QUEUED
+    assert s.queued == 1
+    assert s.timer_entries <= 2 * s.queued + 1
