@@ -40,10 +40,6 @@ from gateway.shutdown import Drain
 log = logging.getLogger("gateway")
 
 
-class ClientGone(Exception):
-    """The client disconnected before its answer started."""
-
-
 def create_app(
     settings: Settings, config: Config | None = None, *, drain: Drain | None = None
 ) -> Starlette:

@@ -94,7 +94,7 @@ def take_usage_chunk(ex: Exchange, batch: bytes, *, keep: bool) -> bytes:
     """Record the usage chunk's counts; drop it from the batch unless the client asked."""
     kept = []
     for event in sse.events(batch):
-        if sse.is_usage_only(event):
+        if sse.has_usage_only(event):
             take_usage(ex, sse.parse(event) or {})
             if not keep:
                 continue

@@ -87,11 +87,8 @@ class Exchange:
 
 
 def outcome_for(error: GatewayError) -> str:
-    return outcome_for_status(error.status, error.code)
-
-
-def outcome_for_status(status: int, code: str | None) -> str:
     """The bounded ``outcome`` label for an error answer."""
+    status, code = error.status, error.code
     if code == "shed":
         return "shed"
     if code == "shutting_down":

@@ -16,7 +16,7 @@ clients retry 503 by themselves).
 The server calls :meth:`Drain.begin` when it stops listening (see ``gateway.__main__``); the
 request shell runs each request inside :meth:`Drain.watch` and wraps each stream with
 :meth:`Drain.stream`. Cutting is a task cancellation turned into :class:`ShuttingDown`, the
-same way ``app._cancel_on_disconnect`` turns a client's disconnect into ``ClientGone``.
+same way ``routes._cancel_on_disconnect`` turns a client's disconnect into ``ClientGone``.
 """
 
 from __future__ import annotations

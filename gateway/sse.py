@@ -51,24 +51,15 @@ def payload(event: bytes) -> bytes:
     return event[len(_PREFIX) :].rstrip(b"\n") if event.startswith(_PREFIX) else b""
 
 
-def is_data(event: bytes) -> bool:
-    """A complete data event (what vLLM sends); anything else in a stream is garbage."""
-    return event.startswith(_PREFIX) and event.endswith(_END)
-
-
 def is_done(batch: bytes) -> bool:
     """The event, or the batch, ends the stream."""
     return batch.endswith(DONE)
 
 
 def has_usage_only(batch: bytes) -> bool:
-    """The batch may hold the final usage chunk vLLM sends when ``include_usage`` is on: no
-    choices, just usage. Checked on bytes so the common content batch costs no parse."""
+    """The batch (or event) may hold the final usage chunk vLLM sends when ``include_usage``
+    is on: no choices, just usage. Checked on bytes so a content batch costs no parse."""
     return b'"choices":[]' in batch and b'"usage":{' in batch
-
-
-def is_usage_only(event: bytes) -> bool:
-    return has_usage_only(event)
 
 
 def parse_batch(batch: bytes) -> list[Any] | None:
