@@ -67,6 +67,11 @@ class Assembler:
         return "".join(self._text)
 
     @property
+    def usage(self) -> Any:
+        """The last usage the stream carried (None before any)."""
+        return self._usage
+
+    @property
     def tokens(self) -> int:
         """Tokens generated in the current segment's stream: the usage's count when the
         stream carries it in every chunk (exact), else the chunks with text (an undercount

@@ -63,6 +63,7 @@ class Progress:
         self.tokens = 0  # chunks with text: vLLM streams one per decoded token
         self.segment = 0
         self._before = 0  # tokens generated in earlier segments
+        self._prompt_tokens: int | None = None  # the first segment's, as vLLM counted them
         self._head: dict[str, Any] = {}
 
     @property
@@ -74,10 +75,12 @@ class Progress:
         """Tokens generated in earlier segments."""
         return self._before
 
-    def resumed(self, generated: tuple[str, int] | None = None) -> None:
+    def resumed(self, generated: tuple[str, int] | None = None, usage: Any = None) -> None:
         """A new segment starts (after a pause). ``generated``: the text and token count so
-        far, when something else read them (a collected answer's assembler); by default
-        what this progress read itself."""
+        far, and ``usage`` the paused segment's last, when something else read them (a
+        collected answer's assembler); by default what this progress read itself."""
+        if self.segment == 0 and isinstance(usage, dict):
+            self._note_prompt(usage)
         self.segment += 1
         if generated is not None:
             self._text, self.tokens = [generated[0]], generated[1]
@@ -98,15 +101,30 @@ class Progress:
         return b"".join(out) + (sse.DONE if sse.is_done(batch) else b"")
 
     def usage(self, usage: dict[str, Any]) -> dict[str, Any]:
-        """A resumed segment's usage as the whole answer's: its prompt re-read the earlier
-        segments' tokens, which were generated, not prompted."""
-        if self.segment == 0 or not isinstance(usage.get("prompt_tokens"), int):
+        """A resumed segment's usage as the whole answer's: the client's prompt, as the
+        first segment counted it, and every segment's generated tokens.
+
+        The resumed prompt re-read the earlier segments' text, but not in as many tokens as
+        were generated (a tokenizer reads text back its own way), so subtracting is only the
+        fallback for a first segment paused before vLLM reported any usage."""
+        prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
+        if self.segment == 0 or not isinstance(prompt, int) or not isinstance(completion, int):
             return usage
-        fixed = dict(usage)
-        fixed["prompt_tokens"] = max(usage["prompt_tokens"] - self._before, 0)
-        if isinstance(usage.get("completion_tokens"), int):
-            fixed["completion_tokens"] = usage["completion_tokens"] + self._before
-        return fixed
+        if self._prompt_tokens is not None:
+            prompt = self._prompt_tokens
+        else:
+            prompt = max(prompt - self._before, 0)
+        completion += self._before
+        return {
+            **usage,
+            "prompt_tokens": prompt,
+            "completion_tokens": completion,
+            "total_tokens": prompt + completion,
+        }
+
+    def _note_prompt(self, usage: dict[str, Any]) -> None:
+        if isinstance(usage.get("prompt_tokens"), int):
+            self._prompt_tokens = usage["prompt_tokens"]
 
     def _note(self, chunk: dict[str, Any]) -> None:
         if not self._head:
@@ -120,6 +138,8 @@ class Progress:
         if isinstance(usage, dict) and isinstance(usage.get("completion_tokens"), int):
             # Exact (vLLM holds back text of a partial character, so chunks undercount).
             self.tokens = self._before + usage["completion_tokens"]
+            if self.segment == 0:
+                self._note_prompt(usage)
 
     def _is_role_only(self, chunk: dict[str, Any]) -> bool:
         choices = chunk.get("choices")

@@ -195,11 +195,15 @@ class Serving:
         dispatched(life.exchange, ticket)
 
     async def _resume(
-        self, life: Lifecycle, call: Call, generated: tuple[str, int] | None = None
+        self,
+        life: Lifecycle,
+        call: Call,
+        generated: tuple[str, int] | None = None,
+        usage: Any = None,
     ) -> Opened:
         """Continue a paused call where it stopped, once it has a slot again."""
         await self._requeue(life, call)
-        call.progress.resumed(generated)
+        call.progress.resumed(generated, usage)
         tokens = call.progress.tokens
         self._metrics.resumed_tokens.labels(call.ticket.policy.name).inc(tokens)
         life.exchange.resumed_tokens += tokens
@@ -299,7 +303,8 @@ class Serving:
             except GatewayError as exc:
                 if life.paused:
                     generated = call.progress.before + assembler.tokens
-                    opened = await self._resume(life, call, (assembler.text, generated))
+                    progress = (assembler.text, generated)
+                    opened = await self._resume(life, call, progress, assembler.usage)
                     continue
                 assert life.exchange.upstream is not None
                 self._upstreams.failed(life.exchange.upstream, exc.message)

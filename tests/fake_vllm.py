@@ -35,6 +35,10 @@ class Behaviour:
     # Streams wait on this after their first content chunk: a test sets it once the client
     # has that chunk, which proves the gateway relayed it without waiting for the rest.
     hold_after_first: asyncio.Event | None = None
+    # Prompt tokens per word of a partial answer read back by a continuation. A real
+    # tokenizer reads generated text back in a different number of tokens than it wrote
+    # (random or multi-byte output merges); 1.0 is the identity.
+    reread_tokens_per_word: float = 1.0
 
 
 @dataclass
@@ -177,7 +181,8 @@ class FakeVllm:
             ):
                 done += 1
             words = words[done:]
-            body["_reread"] = done  # the partial answer is read as prompt tokens, as in vLLM
+            # The partial answer is read as prompt tokens, as in vLLM.
+            body["_reread"] = round(done * self.behaviour.reread_tokens_per_word)
         limit = body.get("max_tokens") or len(words)
         return words[:limit]
 
@@ -207,6 +212,10 @@ class FakeVllm:
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
         obj = "chat.completion.chunk" if chat else "text_completion"
+        options = body.get("stream_options") or {}
+        continuous = bool(options.get("include_usage") and options.get("continuous_usage_stats"))
+        prompt_tokens = 7 + body.get("_reread", 0)
+        sent = 0  # content chunks so far: vLLM's running completion_tokens
 
         def chunk(delta: dict[str, Any] | str, finish: str | None = None) -> bytes:
             choice: dict[str, Any] = {"index": 0, "finish_reason": finish}
@@ -221,6 +230,12 @@ class FakeVllm:
                 "model": self.model,
                 "choices": [choice],
             }
+            if continuous:  # as vLLM: every chunk carries the usage so far
+                data["usage"] = {
+                    "prompt_tokens": prompt_tokens,
+                    "completion_tokens": sent,
+                    "total_tokens": prompt_tokens + sent,
+                }
             return b"data: " + json.dumps(data, separators=(",", ":")).encode() + b"\n\n"
 
         if chat:
@@ -234,6 +249,7 @@ class FakeVllm:
                 return response
             if i:
                 await asyncio.sleep(self.behaviour.chunk_delay_s)
+            sent += 1
             await response.write(chunk({"content": word} if chat else word))
             self.words_sent += 1
             if i == 0 and self.behaviour.hold_after_first is not None:

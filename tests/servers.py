@@ -29,7 +29,17 @@ async def running_gateway(
     app = create_app(settings, config)
     server = uvicorn.Server(
         uvicorn.Config(
-            app, host="127.0.0.1", port=0, log_level="warning", access_log=False, lifespan="on"
+            app,
+            host="127.0.0.1",
+            port=0,
+            log_level="warning",
+            access_log=False,
+            lifespan="on",
+            # As `python -m gateway` serves. uvicorn's default (5 s) equals httpx's idle expiry:
+            # after an event-loop stall (this machine's vCPUs stall for seconds while vLLM
+            # generates) a client may send a request on a connection the server closes in
+            # the same moment. A label request got a ReadError that way on a loaded run.
+            timeout_keep_alive=30,
         )
     )
     # The test process keeps its own Ctrl-C behaviour; servers here stop via should_exit.

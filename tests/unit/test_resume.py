@@ -73,7 +73,29 @@ async def test_a_paused_non_streaming_answer_arrives_whole(
         assert answer["choices"][0]["message"]["content"] == REPLY
         assert answer["usage"]["completion_tokens"] == 30
         assert answer["usage"]["prompt_tokens"] == 7
+        assert answer["usage"]["total_tokens"] == 37
         assert len([s for s in fake.seen if s.body.get("continue_final_message")]) == 1
+
+
+async def test_usage_counts_the_original_prompt_when_the_answer_reads_back_differently(
+    start_gateway: GatewayFactory, fake: FakeVllm
+) -> None:
+    # Found on the real tiny model: its random output, read back as a prompt, took fewer
+    # tokens than it was generated in, so a resumed answer reported prompt_tokens 0..22 for
+    # a 17-token prompt and a total_tokens that was not prompt + completion.
+    fake.behaviour.reply = REPLY
+    fake.behaviour.chunk_delay_s = 0.03
+    fake.behaviour.reread_tokens_per_word = 0.25
+    async with start_gateway(window=1) as url, httpx.AsyncClient(base_url=url, timeout=20) as c:
+        streamed = {**BATCH, "stream": True, "stream_options": {"include_usage": True}}
+        for body in (BATCH, streamed):
+            before = fake.words_sent
+            batch = asyncio.create_task(c.post("/v1/chat/completions", json=body))
+            await until(lambda b=before: fake.words_sent >= b + 8)  # type: ignore[misc]
+            assert (await c.post("/v1/chat/completions", json=SENTIMENT)).status_code == 200
+            r = await batch
+            usage = r.json()["usage"] if body is BATCH else chunks(r.text)[-1]["usage"]
+            assert usage == {"prompt_tokens": 7, "completion_tokens": 30, "total_tokens": 37}
 
 
 def step(task: str, **sampling: object) -> Step:
@@ -127,8 +149,23 @@ def test_a_resumed_segment_is_rewritten_as_the_first() -> None:
     out = p.read(second + third)
     assert [c["id"] for c in chunks(out.decode())] == ["a"]
     assert p.text == "Hi there"
+    # No usage came before the pause: the re-read tokens are subtracted.
     assert p.usage({"prompt_tokens": 9, "completion_tokens": 1}) == {
         "prompt_tokens": 8,
         "completion_tokens": 2,
+        "total_tokens": 10,
+    }
+
+
+def test_a_resumed_usage_keeps_the_first_segments_prompt() -> None:
+    p = Progress(chat=True)
+    first = {"choices": [{"delta": {"content": "Hi"}}], "usage": {"prompt_tokens": 5}}
+    first["usage"]["completion_tokens"] = 3  # type: ignore[index]
+    p.read(b"data: " + json.dumps(first).encode() + b"\n\n")
+    p.resumed()
+    assert p.usage({"prompt_tokens": 6, "completion_tokens": 4}) == {
+        "prompt_tokens": 5,
+        "completion_tokens": 7,
+        "total_tokens": 12,
     }
     assert ClassTable(DEFAULT_POLICIES)["batch"].max_preemptions > 0
