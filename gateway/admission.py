@@ -29,7 +29,9 @@ def degrade(
     """The max_tokens to grant, capped by the task's degrade policy when the queue is long."""
     granted = granted_max_tokens(step.task, step.request)
     policy = step.task.degrade
-    if policy is None or granted <= policy.max_tokens:
+    if policy is None or granted <= policy.max_tokens or step.request.structured:
+        # A cut tool call or JSON answer is no answer: those keep their max_tokens (and are
+        # refused with 429 when they cannot be on time, like any other request).
         return granted
     wait = scheduler.predicted_wait(step.policy, now)
     if wait <= policy.when_wait_s:

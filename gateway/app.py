@@ -27,8 +27,8 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from gateway.auth import load_keyring
-from gateway.config import Config, load_config
-from gateway.errors import GatewayError
+from gateway.config import Config, Task, load_config
+from gateway.errors import GatewayError, TaskNotFound
 from gateway.exchange import Exchange, record
 from gateway.middleware import RequestIdMiddleware
 from gateway.protocol import Endpoint
@@ -79,6 +79,7 @@ def create_app(
         Route("/v1/chat/completions", _CompletionEndpoint("chat"), methods=["POST"]),
         Route("/v1/completions", _CompletionEndpoint("completions"), methods=["POST"]),
         Route("/v1/models", models, methods=["GET"]),
+        Route("/v1/models/{model:path}", model, methods=["GET"]),
         Route("/health", health, methods=["GET"]),
         Route("/ready", ready, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
@@ -104,27 +105,43 @@ class _CompletionEndpoint:
         await completions.handle(self.endpoint, scope, receive, send)
 
 
+def _model_entry(task: Task) -> dict[str, Any]:
+    return {
+        "id": task.name,
+        "object": "model",
+        "created": 0,
+        "owned_by": "qwen-gateway",
+        "description": task.description,
+        "priority_class": task.priority_class,
+        "labels": list(task.labels) if task.labels else None,
+        "tools": task.tools,
+    }
+
+
 async def models(request: Request) -> Response:
     rt: Runtime = request.state.runtime
-    config = rt.config
     return JSONResponse(
         {
             "object": "list",
-            "data": [
-                {
-                    "id": task.name,
-                    "object": "model",
-                    "created": 0,
-                    "owned_by": "qwen-gateway",
-                    "description": task.description,
-                    "priority_class": task.priority_class,
-                    "labels": list(task.labels) if task.labels else None,
-                }
-                for task in config.tasks.values()
-            ],
+            "data": [_model_entry(task) for task in rt.config.tasks.values()],
             "upstream_models": rt.upstreams.models(),
         }
     )
+
+
+async def model(request: Request) -> Response:
+    """One task, as OpenAI's ``GET /v1/models/{model}`` answers for one model."""
+    rt: Runtime = request.state.runtime
+    name = request.path_params["model"]
+    task = rt.config.tasks.get(name)
+    if task is None:
+        error = TaskNotFound(
+            f"unknown task {name!r}; valid tasks: {', '.join(rt.config.task_names())}",
+            param="model",
+            code="model_not_found",
+        )
+        return Response(error.body(), status_code=error.status, media_type="application/json")
+    return JSONResponse(_model_entry(task))
 
 
 async def health(request: Request) -> Response:

@@ -65,6 +65,8 @@ class Task:
     sla_ttft_s: float
     degrade: Degrade | None = None
     pipeline: Pipeline | None = None
+    #: Accepts function calling (``tools``, ``tool_choice``, ``parallel_tool_calls``).
+    tools: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,7 +176,7 @@ def _parse_classes(raw: Mapping[str, Any]) -> ClassTable:
 _TASK_KEYS = {
     "description", "class", "system_prompt", "labels", "max_tokens", "max_tokens_limit",
     "temperature", "queue_deadline_s", "deadline_s", "max_input_tokens", "truncate_input",
-    "sla_latency_s", "sla_ttft_s", "degrade", "pipeline",
+    "sla_latency_s", "sla_ttft_s", "degrade", "pipeline", "tools",
 }  # fmt: skip
 
 
@@ -204,6 +206,10 @@ def _parse_task(name: str, body: Any, classes: ClassTable) -> Task:
         raise ConfigError(
             f"{path}.queue_deadline_s ({queue_deadline}) exceeds deadline_s ({deadline})"
         )
+    tools = _get(body, "tools", bool, False, path)
+    if tools and (labels is not None or body.get("pipeline") is not None):
+        # A label task's answer is fixed to its labels; a pipeline's reply is built by it.
+        raise ConfigError(f"{path}.tools: a task with labels or a pipeline cannot take tools")
     return Task(
         name=name,
         description=_get(body, "description", str, "", path),
@@ -225,6 +231,7 @@ def _parse_task(name: str, body: Any, classes: ClassTable) -> Task:
         sla_ttft_s=_positive(_get(body, "sla_ttft_s", float, deadline, path), f"{path}.sla_ttft_s"),
         degrade=_degrade(body.get("degrade"), path),
         pipeline=_pipeline(body.get("pipeline"), path),
+        tools=tools,
     )
 
 

@@ -1,9 +1,11 @@
 """The OpenAI wire format: validate what clients send, build what vLLM gets.
 
-Validation is an allowlist. Fields the gateway does not know are dropped rather than
-forwarded, so a client cannot smuggle vLLM-only fields (``priority``, ``structured_outputs``,
-``ignore_eos``...) past the task table. Every type error is a :class:`BadRequest` naming the
-field, never a 500.
+Validation is an allowlist. Fields that change the answer are either forwarded (checked,
+as vLLM means them) or refused with a 400 ``unsupported_parameter``; only metadata that
+changes nothing (``user``, ``metadata``, ``store``, ``service_tier``...) is dropped. So a
+client cannot smuggle vLLM-only fields (``priority``, ``structured_outputs``,
+``ignore_eos``...) past the task table, and no field it sends is ignored without a word.
+Every type error is a :class:`BadRequest` naming the field, never a 500.
 """
 
 from __future__ import annotations
@@ -21,6 +23,20 @@ from gateway.errors import BadRequest
 Endpoint = Literal["chat", "completions"]
 
 MAX_MESSAGES = 1024
+MAX_TOOLS = 128  # OpenAI's limit
+MAX_LOGIT_BIAS = 1024  # token ids in logit_bias: a bound on the body, not a model limit
+#: The function-calling fields, forwarded only to tasks whose table entry says ``tools``.
+TOOL_FIELDS = ("tools", "tool_choice", "parallel_tool_calls")
+#: Fields OpenAI defines that vLLM does not serve as OpenAI means them: refused, not dropped.
+_UNSUPPORTED = {
+    "functions": "use tools",
+    "function_call": "use tool_choice",
+    "suffix": "vLLM does not support it",
+    "audio": "this model reads and writes text only",
+    "modalities": "this model reads and writes text only",
+    "prediction": "vLLM does not support it",
+    "web_search_options": "the gateway runs no search",
+}
 #: Structures forwarded as they are (``response_format``, ``tool_calls``) may nest this deep.
 #: JSON schemas are nowhere near it; far deeper ones broke encoding the upstream body.
 MAX_DEPTH = 64
@@ -42,10 +58,19 @@ class ClientRequest:
     sampling: dict[str, Any] = field(default_factory=dict)
 
     def input_text(self) -> str:
-        """The text the model reads from the client (for input budgets)."""
+        """The text the model reads from the client (for input budgets): tool definitions
+        count too, since the chat template writes them into the prompt."""
         if self.endpoint == "completions":
             return self.prompt
-        return "\n".join(str(m.get("content") or "") for m in self.messages)
+        text = "\n".join(str(m.get("content") or "") for m in self.messages)
+        if "tools" in self.sampling:
+            text += "\n" + json.dumps(self.sampling["tools"], ensure_ascii=False)
+        return text
+
+    @property
+    def structured(self) -> bool:
+        """Its answer has a structure (a tool call, a JSON format) that a cut would break."""
+        return "tools" in self.sampling or "response_format" in self.sampling
 
 
 def _reject_constant(name: str) -> Any:
@@ -138,12 +163,42 @@ def parse_request(endpoint: Endpoint, body: Mapping[str, Any]) -> ClientRequest:
     if n is not None and n != 1:
         # vLLM's priority scheduler has crashed on n > 1; one choice per request is the rule.
         raise BadRequest("only n=1 is supported", param="n", code="unsupported_value")
+    for name, why in _UNSUPPORTED.items():
+        if body.get(name) is not None:
+            raise BadRequest(
+                f"{name} is not supported: {why}", param=name, code="unsupported_parameter"
+            )
     req.sampling = _sampling(body, endpoint)
     if endpoint == "chat":
         req.messages = _messages(body.get("messages"))
     else:
         req.prompt = _prompt(body.get("prompt"))
     return req
+
+
+def check_for_task(task: Task, req: ClientRequest, tool_tasks: list[str]) -> None:
+    """Refuse what the task cannot honour (400), rather than answer without it: anything
+    that shapes the answer on a label task (its answer is one of its labels), and function
+    calling on a task whose table entry does not take tools (``tool_tasks`` do)."""
+    if task.labels is not None:
+        for name in (*TOOL_FIELDS, "response_format"):
+            if name in req.sampling:
+                raise BadRequest(
+                    f"the {task.name} task answers with one of its labels "
+                    f"({', '.join(task.labels)}), so it does not take {name}",
+                    param=name,
+                    code="unsupported_parameter",
+                )
+    if task.tools:
+        return
+    for name in TOOL_FIELDS:
+        if name in req.sampling:
+            accepting = ", ".join(tool_tasks) if tool_tasks else "none in this gateway's table"
+            raise BadRequest(
+                f"the {task.name} task does not take {name}; tasks that do: {accepting}",
+                param=name,
+                code="unsupported_parameter",
+            )
 
 
 def build_upstream_body(
@@ -268,7 +323,7 @@ def _content(raw: Any, where: str, role: str) -> str | None:
                     code="invalid_value",
                 )
             texts.append(part["text"])
-        return "".join(texts)
+        return "\n".join(texts)  # as vLLM joins text parts
     raise _type_error(f"{where}.content", "a string or an array of text parts")
 
 
@@ -325,7 +380,22 @@ def _sampling(body: Mapping[str, Any], endpoint: Endpoint) -> dict[str, Any]:
         if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) for s in stop):
             raise _type_error("stop", "a string or an array of at most 4 strings")
         out["stop"] = stop
+    _vllm_sampling(body, out)
+    logit_bias = body.get("logit_bias")
+    if logit_bias is not None:
+        out["logit_bias"] = _logit_bias(logit_bias)
+    if endpoint == "completions":
+        logprobs = _optional(body, "logprobs", int)
+        if logprobs is not None:
+            if not 0 <= logprobs <= 20:
+                raise BadRequest(
+                    "logprobs must be in [0, 20]", param="logprobs", code="invalid_value"
+                )
+            out["logprobs"] = logprobs
+        if _optional(body, "echo", bool):
+            out["echo"] = True
     if endpoint == "chat":
+        _tools(body, out)
         logprobs = _optional(body, "logprobs", bool)
         if logprobs:
             out["logprobs"] = True
@@ -346,6 +416,93 @@ def _sampling(body: Mapping[str, Any], endpoint: Endpoint) -> dict[str, Any]:
                 raise _type_error("response_format", "an object with a type")
             out["response_format"] = _bounded(response_format, "response_format")
     return out
+
+
+#: vLLM's own sampling knobs, as its OpenAI server takes them, and their valid ranges.
+_VLLM_RANGES: dict[str, tuple[float, float]] = {
+    "min_p": (0.0, 1.0),
+    "repetition_penalty": (0.01, 2.0),
+}
+
+
+def _vllm_sampling(body: Mapping[str, Any], out: dict[str, Any]) -> None:
+    for name, (low, high) in _VLLM_RANGES.items():
+        value = _optional(body, name, float)
+        if value is not None:
+            if not (low <= value <= high):
+                raise BadRequest(
+                    f"{name} must be in [{low}, {high}]", param=name, code="invalid_value"
+                )
+            out[name] = value
+    top_k = _optional(body, "top_k", int)
+    if top_k is not None:
+        if top_k < -1:
+            raise BadRequest(
+                "top_k must be -1 or 0 (off) or positive", param="top_k", code="invalid_value"
+            )
+        out["top_k"] = top_k
+
+
+def _logit_bias(raw: Any) -> dict[str, float]:
+    if not isinstance(raw, Mapping) or len(raw) > MAX_LOGIT_BIAS:
+        raise _type_error("logit_bias", f"an object of at most {MAX_LOGIT_BIAS} token ids")
+    bias: dict[str, float] = {}
+    for key, value in raw.items():
+        if not str(key).isdigit():
+            raise BadRequest(
+                f"logit_bias keys must be token ids, got {key!r}",
+                param="logit_bias",
+                code="invalid_value",
+            )
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise _type_error(f"logit_bias[{key}]", "a number")
+        if not -100 <= value <= 100:
+            raise BadRequest(
+                "logit_bias values must be in [-100, 100]",
+                param="logit_bias",
+                code="invalid_value",
+            )
+        bias[str(key)] = float(value)
+    return bias
+
+
+def _tools(body: Mapping[str, Any], out: dict[str, Any]) -> None:
+    tools = body.get("tools")
+    if tools is not None:
+        if not isinstance(tools, list) or len(tools) > MAX_TOOLS:
+            raise _type_error("tools", f"an array of at most {MAX_TOOLS} tools")
+        for i, tool in enumerate(tools):
+            function = tool.get("function") if isinstance(tool, Mapping) else None
+            if (
+                not isinstance(tool, Mapping)
+                or tool.get("type") != "function"
+                or not isinstance(function, Mapping)
+                or not isinstance(function.get("name"), str)
+            ):
+                raise _type_error(
+                    f"tools[{i}]", 'a {"type": "function", "function": {"name": ...}} object'
+                )
+        if tools:  # an empty list means no tools (as OpenAI's SDKs send it)
+            out["tools"] = _bounded(tools, "tools")
+    choice = body.get("tool_choice")
+    if choice is not None:
+        named = (
+            isinstance(choice, Mapping)
+            and choice.get("type") == "function"
+            and isinstance(choice.get("function"), Mapping)
+            and isinstance(choice["function"].get("name"), str)
+        )
+        if not named and choice not in ("none", "auto", "required"):
+            raise _type_error(
+                "tool_choice",
+                '"none", "auto", "required" or {"type": "function", "function": {"name": ...}}',
+            )
+        if choice != "none" and "tools" not in out:
+            raise BadRequest("tool_choice needs tools", param="tool_choice", code="invalid_value")
+        out["tool_choice"] = _bounded(choice, "tool_choice")
+    parallel = _optional(body, "parallel_tool_calls", bool)
+    if parallel is not None:
+        out["parallel_tool_calls"] = parallel
 
 
 def _optional(body: Mapping[str, Any], name: str, kind: type, param: str | None = None) -> Any:

@@ -33,15 +33,20 @@ from typing import Any
 from gateway import sse
 from gateway.steps import Step
 
-#: Request fields that make a generation impossible to continue faithfully from its text.
-_STRUCTURED = ("response_format", "tools", "tool_choice", "functions", "structured_outputs")
+#: Request fields that make a generation impossible to continue faithfully from its text: a
+#: structure (the grammar would restart inside it), or an echo of the prompt (a continuation's
+#: prompt holds the partial answer).
+_NOT_RESUMABLE = ("response_format", "tools", "tool_choice", "echo")
 
 
 def resumable(step: Step) -> bool:
     """The step may be paused and resumed: its class allows it, and it is plain text."""
+    request = step.request
     if step.policy.max_preemptions <= 0 or step.task.labels is not None:
         return False
-    return not any(key in step.request.sampling for key in _STRUCTURED)
+    if request.endpoint == "completions" and "logprobs" in request.sampling:
+        return False  # text offsets count from each segment's prompt
+    return not any(key in request.sampling for key in _NOT_RESUMABLE)
 
 
 def continuation(step: Step, text: str) -> tuple[Step, dict[str, Any]]:

@@ -41,7 +41,7 @@ from gateway.exchange import Exchange
 from gateway.lifecycle import ClientGone, Lifecycle
 from gateway.metrics import Metrics
 from gateway.pipeline import assist
-from gateway.protocol import Endpoint, parse_json, parse_request
+from gateway.protocol import Endpoint, check_for_task, parse_json, parse_request
 from gateway.runtime import Tables
 from gateway.scheduler import Ticket
 from gateway.serving import Serving
@@ -130,6 +130,7 @@ class Completions:
         policy = _policy(config.classes, task, wanted, tenant)
         ex.priority_class = policy.name
         request = parse_request(endpoint, body)
+        check_for_task(task, request, [t.name for t in config.tasks.values() if t.tools])
         ex.stream = request.stream
         try:
             life.admit(tenant)

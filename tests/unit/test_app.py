@@ -275,3 +275,37 @@ async def test_models_health_ready_metrics(client: httpx.AsyncClient) -> None:
             f'gateway_requests_total{{outcome="{outcome}",priority_class="batch",task="batch"}}'
             in text
         )
+
+
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+    },
+}
+
+
+async def test_one_model_is_the_tasks_entry(client: httpx.AsyncClient) -> None:
+    chat = (await client.get("/v1/models/chat")).json()
+    assert (chat["id"], chat["object"], chat["tools"]) == ("chat", "model", True)
+    assert (await client.get("/v1/models/sentiment")).json()["labels"] == ["positive", "negative"]
+    error = assert_envelope(await client.get("/v1/models/gpt-4o"), 404, "model_not_found")
+    assert "valid tasks" in error["message"]
+
+
+async def test_tools_reach_vllm_only_through_tasks_that_take_them(
+    client: httpx.AsyncClient, fake: FakeVllm
+) -> None:
+    body = {"model": "chat", "messages": USER, "tools": [WEATHER], "tool_choice": "auto"}
+    assert (await client.post("/v1/chat/completions", json=body)).status_code == 200
+    assert fake.seen[-1].body["tools"] == [WEATHER]
+    assert fake.seen[-1].body["tool_choice"] == "auto"
+    seen = len(fake.seen)
+    for task in ("sentiment", "summarize", "assist"):
+        r = await client.post("/v1/chat/completions", json={**body, "model": task})
+        error = assert_envelope(r, 400, "unsupported_parameter")
+        assert error["param"] == "tools"
+    labelled = {"model": "sentiment", "messages": USER, "response_format": {"type": "json_object"}}
+    assert_envelope(await client.post("/v1/chat/completions", json=labelled), 400)
+    assert len(fake.seen) == seen  # nothing refused reached vLLM

@@ -24,6 +24,7 @@ async def test_chat_is_degraded_when_the_predicted_wait_is_long(
                     "max_tokens": 256,
                     "degrade": {"when_wait_s": 0.05, "max_tokens": 16},
                     "queue_deadline_s": 30,
+                    "tools": True,
                 },
                 "filler": {"class": "realtime", "queue_deadline_s": 30},
             }
@@ -46,11 +47,20 @@ async def test_chat_is_degraded_when_the_predicted_wait_is_long(
         ]
         while len(fake.seen) < 2:
             await asyncio.sleep(0.01)
-        busy = await c.post("/v1/chat/completions", json={"model": "chat", "messages": USER})
+        # A tool call cut short is no answer: a request with tools keeps its max_tokens.
+        tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+        busy, with_tools = await asyncio.gather(
+            c.post("/v1/chat/completions", json={"model": "chat", "messages": USER}),
+            c.post(
+                "/v1/chat/completions", json={"model": "chat", "messages": USER, "tools": [tool]}
+            ),
+        )
         await asyncio.gather(*backlog)
         assert busy.status_code == 200
         assert busy.headers["x-degraded"] == "max_tokens=16"
-        assert fake.seen[-1].body["max_tokens"] == 16
+        assert "x-degraded" not in with_tools.headers
+        sent = {("tools" in s.body, s.body["max_tokens"]) for s in fake.seen[-2:]}
+        assert sent == {(False, 16), (True, 256)}
         metrics = (await c.get("/metrics")).text
         assert 'gateway_degraded_total{task="chat"} 1.0' in metrics
 

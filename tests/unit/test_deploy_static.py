@@ -243,6 +243,9 @@ def test_launch_vllm_sh_has_the_flags_the_design_relies_on() -> None:
     flags = vllm_sh_flags()
     assert flags["--scheduling-policy"] == "priority"
     assert {"--enable-prefix-caching", "--max-num-seqs", "--port", "--host"} <= set(flags)
+    # Function calling for Qwen2.5, and a model id in responses rather than a folder's path.
+    assert flags["--tool-call-parser"] == "hermes"
+    assert {"--enable-auto-tool-choice", "--served-model-name"} <= set(flags)
 
 
 def test_gpu_vllm_reserves_gpus_and_keeps_the_model_cache() -> None:

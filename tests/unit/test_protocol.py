@@ -6,9 +6,24 @@ import pytest
 
 from gateway.config import load_config
 from gateway.errors import BadRequest
-from gateway.protocol import build_upstream_body, granted_max_tokens, parse_json, parse_request
+from gateway.protocol import (
+    build_upstream_body,
+    check_for_task,
+    granted_max_tokens,
+    parse_json,
+    parse_request,
+)
 
 TASKS = load_config().tasks
+
+
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+    },
+}
 
 
 def chat(**kw: Any) -> dict[str, Any]:
@@ -56,6 +71,23 @@ def test_bodies_that_are_not_json_objects_are_400(raw: bytes, code: str) -> None
         (chat(stream_options=[]), "stream_options"),
         (chat(seed=2**70), "seed"),
         (chat(top_logprobs=50, logprobs=True), "top_logprobs"),
+        (chat(tools={"type": "function"}), "tools"),
+        (chat(tools=[{"type": "function", "function": {}}]), "tools[0]"),
+        (chat(tools=[{"type": "retrieval"}]), "tools[0]"),
+        (chat(tools=[WEATHER] * 129), "tools"),
+        (chat(tools=[WEATHER], tool_choice="always"), "tool_choice"),
+        (chat(tools=[WEATHER], tool_choice={"type": "function"}), "tool_choice"),
+        (chat(tool_choice="required"), "tool_choice"),
+        (chat(tools=[WEATHER], parallel_tool_calls="yes"), "parallel_tool_calls"),
+        (chat(logit_bias={"x": 1}), "logit_bias"),
+        (chat(logit_bias={"5": 101}), "logit_bias"),
+        (chat(logit_bias=[1]), "logit_bias"),
+        (chat(top_k=-2), "top_k"),
+        (chat(min_p=2), "min_p"),
+        (chat(repetition_penalty=0), "repetition_penalty"),
+        (chat(functions=[{"name": "f"}]), "functions"),
+        (chat(function_call="auto"), "function_call"),
+        (chat(audio={"voice": "x"}), "audio"),
     ],
 )
 def test_wrong_types_and_values_are_400_naming_the_field(body: dict[str, Any], param: str) -> None:
@@ -90,7 +122,7 @@ def test_text_parts_are_joined_and_unknown_fields_dropped() -> None:
             temperature=0.3,
         ),
     )
-    assert req.messages[0]["content"] == "ab"
+    assert req.messages[0]["content"] == "a\nb"  # as vLLM joins text parts
     body = build_upstream_body(TASKS["chat"], req, max_tokens=10, priority=-30, model="m")
     assert body["priority"] == -30  # the gateway's, not the client's -1000
     assert "structured_outputs" not in body
@@ -159,3 +191,63 @@ def test_integers_too_large_for_a_float_are_400() -> None:
     with pytest.raises(BadRequest) as info:
         parse_request("chat", chat(temperature=10**400))
     assert info.value.param == "temperature"
+
+
+def test_tools_reach_vllm_for_tasks_that_take_them() -> None:
+    body = chat(tools=[WEATHER], tool_choice="required", parallel_tool_calls=False)
+    req = parse_request("chat", body)
+    check_for_task(TASKS["chat"], req, ["chat"])
+    sent = build_upstream_body(TASKS["chat"], req, max_tokens=10, priority=0, model="m")
+    assert sent["tools"] == [WEATHER]
+    assert sent["tool_choice"] == "required"
+    assert sent["parallel_tool_calls"] is False
+    assert "get_weather" in req.input_text()  # tool definitions count toward the input budget
+    assert req.structured
+    # An empty tool list is no tools, as the SDKs send it.
+    assert "tools" not in parse_request("chat", chat(tools=[])).sampling
+
+
+@pytest.mark.parametrize(
+    ("fields", "param"),
+    [
+        ({"tools": [WEATHER]}, "tools"),
+        ({"tool_choice": "none"}, "tool_choice"),
+        ({"response_format": {"type": "json_object"}}, "response_format"),
+    ],
+)
+def test_a_label_task_refuses_what_would_change_its_answer(
+    fields: dict[str, Any], param: str
+) -> None:
+    req = parse_request("chat", chat(**fields))
+    with pytest.raises(BadRequest) as info:
+        check_for_task(TASKS["sentiment"], req, ["chat", "code", "batch"])
+    assert (info.value.code, info.value.param) == ("unsupported_parameter", param)
+    assert "positive, negative" in info.value.message
+
+
+def test_a_task_without_tools_names_the_tasks_that_take_them() -> None:
+    req = parse_request("chat", chat(tools=[WEATHER]))
+    with pytest.raises(BadRequest) as info:
+        check_for_task(TASKS["summarize"], req, ["chat", "code", "batch"])
+    assert info.value.param == "tools"
+    assert info.value.message.endswith("tasks that do: chat, code, batch")
+    assert [n for n, t in TASKS.items() if t.tools] == ["chat", "code", "batch"]
+
+
+def test_output_changing_fields_are_forwarded_as_vllm_means_them() -> None:
+    req = parse_request(
+        "chat", chat(logit_bias={"42": -100}, top_k=20, min_p=0.05, repetition_penalty=1.1)
+    )
+    sent = build_upstream_body(TASKS["chat"], req, max_tokens=10, priority=0, model="m")
+    assert sent["logit_bias"] == {"42": -100.0}
+    assert (sent["top_k"], sent["min_p"], sent["repetition_penalty"]) == (20, 0.05, 1.1)
+    done = parse_request("completions", {"prompt": "a", "logprobs": 2, "echo": True})
+    assert done.sampling == {"logprobs": 2, "echo": True}
+    with pytest.raises(BadRequest) as info:
+        parse_request("completions", {"prompt": "a", "suffix": "b"})
+    assert info.value.code == "unsupported_parameter"
+    # Metadata that changes nothing is still dropped.
+    meta = parse_request(
+        "chat", chat(user="u", metadata={"a": "b"}, store=True, service_tier="auto")
+    )
+    assert meta.sampling == {}
