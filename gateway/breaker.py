@@ -82,6 +82,11 @@ class Breaker:
         if not probe:
             self.failures = self.trips = 0
 
+    def reset(self) -> None:
+        """Forget everything: closed, no streaks, no trips."""
+        self.failures = self.probe_failures = self.trips = 0
+        self.retry_at = None
+
     def failure(self, now: float, *, probe: bool = False) -> None:
         state = self.state(now)
         if state is BreakerState.OPEN:

@@ -35,10 +35,12 @@ MAX_EVENT_BYTES = 4 * 1024 * 1024
 
 
 class UpstreamUnavailable(ServiceUnavailable):
-    """The upstream could not be reached; nothing was sent, so another one may be tried."""
+    """The upstream could not be reached; nothing was sent, so another one may be tried.
+    ``refused``: nothing listens on its port (it is down or restarting, not failing)."""
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, *, refused: bool = False) -> None:
         super().__init__(message, code="upstream_unavailable")
+        self.refused = refused
 
 
 class UpstreamRejected(GatewayError):
@@ -230,6 +232,11 @@ class UpstreamClient:
             async with asyncio.timeout(timeout_s):
                 async with self._session.get(url) as response:
                     return response.status, await response.read()
+        except aiohttp.ClientConnectorError as exc:
+            refused = isinstance(exc.os_error, ConnectionRefusedError)
+            raise UpstreamUnavailable(
+                f"upstream {_origin(url)} is unreachable: {exc!r}", refused=refused
+            ) from exc
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise UpstreamUnavailable(f"upstream {_origin(url)} is unreachable: {exc!r}") from exc
 

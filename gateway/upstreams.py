@@ -13,7 +13,10 @@ circuit breaker (:mod:`gateway.breaker`) is closed. Two sources feed the breaker
 
 An upstream that has never answered is *starting*: it is polled every interval and gets no
 work, but its failures do not trip the breaker, so a gateway started before its vLLM sees it
-as soon as it is up instead of after a growing cool-down. Changes of usability are reported
+as soon as it is up instead of after a growing cool-down. An upstream whose health check
+finds nothing listening (connection refused) is starting again: vLLM died or is restarting
+(serve.sh restarts it), polling a closed port costs nothing, and a cool-down doubling to 60 s
+added up to a minute to the recovery after vLLM was back. Changes of usability are reported
 through one callback, so this module knows nothing of windows or metrics.
 """
 
@@ -152,7 +155,10 @@ class Upstreams:
                 raise UpstreamUnavailable(f"/v1/models answered {status} without a model")
         except UpstreamUnavailable as exc:
             upstream.last_error = exc.message
-            if upstream.model is not None:  # a starting upstream is polled, never tripped
+            if exc.refused:  # nothing listens: starting again (see the module's docstring)
+                upstream.model = None
+                upstream.breaker.reset()
+            elif upstream.model is not None:  # a starting upstream is polled, never tripped
                 upstream.breaker.failure(self._clock(), probe=True)
             self._update(upstream)
             return
@@ -173,12 +179,17 @@ class Upstreams:
         else:
             self._tripped.set()
             retry_at = upstream.breaker.retry_at
-            log.warning(
-                "upstream %s is down (circuit open, next probe in %.1f s): %s",
-                upstream.name,
-                0.0 if retry_at is None else max(retry_at - now, 0.0),
-                upstream.last_error,
-            )
+            if retry_at is None:  # not listening: polled every check until it answers
+                log.warning(
+                    "upstream %s is down (polling it): %s", upstream.name, upstream.last_error
+                )
+            else:
+                log.warning(
+                    "upstream %s is down (circuit open, next probe in %.1f s): %s",
+                    upstream.name,
+                    max(retry_at - now, 0.0),
+                    upstream.last_error,
+                )
         self._on_change(upstream)
 
 

@@ -433,3 +433,26 @@ async def until_queue_depth(c: httpx.AsyncClient, depth: float) -> None:
     async with asyncio.timeout(20):  # 36 clients connecting on a busy 2-core machine
         while await metric(c, 'gateway_queue_depth{priority_class="interactive"}') != depth:
             await asyncio.sleep(0.02)
+
+
+async def test_a_refused_connection_is_polled_as_a_restart_not_backed_off(
+    start_pair: PairFactory, fake: FakeVllm, other: FakeVllm
+) -> None:
+    """A vLLM that is restarting refuses connections. Backing off (5 s, 10, 20... up to 60 s
+    per failed probe) added up to a minute to serve.sh's recovery after it restarted vLLM;
+    nothing listening costs nothing to poll, so it is polled as a starting upstream."""
+    port = int(fake.url.rsplit(":", 1)[1])
+    async with start_pair() as url, httpx.AsyncClient(base_url=url, timeout=20) as c:
+        await fake.stop()
+        for _ in range(3):  # each fails over, and opens the dead upstream's breaker
+            assert (await c.post("/v1/chat/completions", json=CHAT)).status_code == 200
+        await until_breaker(c, fake, OPEN)
+        # The probe after the cool-down (5 s) finds nothing listening...
+        await until_breaker(c, fake, CLOSED, timeout_s=8)
+        assert await up(c, fake) == 0
+        back = time.monotonic()
+        await fake.start(port)  # ...and the upstream is used as soon as it listens again
+        async with asyncio.timeout(3):
+            while await up(c, fake) != 1:
+                await asyncio.sleep(0.05)
+        assert time.monotonic() - back < 2  # not the 10 s of a second cool-down
