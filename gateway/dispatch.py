@@ -39,6 +39,7 @@ class Dispatcher:
         """
         admission = self.scheduler.admit(ticket, self.now())
         if isinstance(admission, Rejected):
+            self._pausers.pop(ticket, None)  # it never runs: nothing to pause
             self._metrics.rejections.labels(ticket.policy.name, admission.reason).inc()
             raise RateLimited(
                 f"{admission.message}; retry after {admission.retry_after_s} s",
@@ -73,6 +74,9 @@ class Dispatcher:
             elif ticket.state is State.DISPATCHED:  # released and cancelled in the same tick
                 self.release(ticket)
             raise
+        finally:
+            if ticket.state is not State.DISPATCHED:  # expired, shed or withdrawn: it never
+                self._pausers.pop(ticket, None)  # runs, and its pauser would keep it alive
 
     def release(self, ticket: Ticket) -> None:
         """A dispatched request is finished, whatever its outcome: free its slot."""

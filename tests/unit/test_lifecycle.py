@@ -4,6 +4,7 @@ record are released exactly once. Each test here reproduces a defect found in re
 from __future__ import annotations
 
 import asyncio
+import gc
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,7 @@ from gateway.auth import hash_key
 from gateway.config import load_config
 from gateway.settings import Settings
 from tests.fake_vllm import FakeVllm
-from tests.support import asgi_call, asgi_get, lifespan, metric, metric_value
+from tests.support import asgi_call, asgi_get, lifespan, metric, metric_value, until
 from tests.unit.conftest import GatewayFactory
 
 USER = [{"role": "user", "content": "I love this"}]
@@ -208,3 +209,53 @@ async def test_a_stream_cut_at_shutdown_is_recorded_as_shutdown(fake: FakeVllm) 
         line = 'gateway_requests_total{outcome="shutdown",priority_class="interactive",task="chat"}'
         assert await scraped(app, state, line) == 1
         held.set()
+
+
+async def test_a_pausable_request_that_never_runs_leaves_nothing_behind(
+    start_gateway: GatewayFactory, fake: FakeVllm
+) -> None:
+    """Found by the 20-minute fake soak: RSS grew 1.4 MiB/min. A pausable request registers
+    how to pause it before it queues; one that expired in the queue, was refused at admission
+    or whose client left while it waited kept that registration, and with it its lifecycle
+    (exchange, buffers), for the life of the process."""
+    from gateway.config import parse_config
+    from gateway.lifecycle import Lifecycle
+
+    config = parse_config(
+        {
+            "classes": {"batch": {"head_start_s": 10, "max_queued": 2, "max_preemptions": 4}},
+            "tasks": {
+                "long": {"class": "batch", "queue_deadline_s": 0.3, "deadline_s": 30},
+                "hold": {"class": "realtime", "queue_deadline_s": 30},
+            },
+        }
+    )
+    held = asyncio.Event()
+    fake.behaviour.hold_after_first = held
+    long = {"model": "long", "messages": USER, "stream": True}
+    async with (
+        start_gateway(config, window=1) as url,
+        httpx.AsyncClient(base_url=url, timeout=20) as c,
+    ):
+        holding = asyncio.create_task(
+            c.post("/v1/chat/completions", json={"model": "hold", "messages": USER, "stream": True})
+        )
+        await until(lambda: fake.running == 1)  # the only slot is taken, and not pausable
+        # Queued until their queue deadline (504), or refused by the full class queue (429).
+        statuses = await asyncio.gather(
+            *(c.post("/v1/chat/completions", json=long) for _ in range(4))
+        )
+        assert sorted(r.status_code for r in statuses) == [429, 429, 504, 504]
+        # A client that leaves while its request waits.
+        leaving = asyncio.create_task(c.post("/v1/chat/completions", json=long))
+        await until(lambda: len(fake.seen) == 1)
+        await asyncio.sleep(0.05)
+        leaving.cancel()
+        held.set()
+        assert (await holding).status_code == 200
+        async with asyncio.timeout(5):
+            while True:
+                gc.collect()
+                if not [o for o in gc.get_objects() if type(o) is Lifecycle]:
+                    break
+                await asyncio.sleep(0.05)
