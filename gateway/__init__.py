@@ -15,7 +15,7 @@ Module layers, top to bottom; a module imports only from the rows below its own:
     auth         API keys and tenant limits   steps   a step and its results   upstreams  health
     input_limit  per-task input budgets       queues  class queues, completion rate
     protocol     OpenAI wire format   chunks  a stream put back together   exchange  a record
-    config       the task table   sse  event framing   outbound  all outbound HTTP
+    config       the task table   fields  a request's knobs   sse  event framing   outbound  HTTP
     window       adaptive window controller (not yet wired)    window_tuning  its settings
     classes  errors  metrics  settings  breaker  middleware  estimates  recent   (leaves)
 """

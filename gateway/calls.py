@@ -9,12 +9,15 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
+
 from gateway import sse
 from gateway.classes import to_vllm_priority
 from gateway.errors import BadGateway, GatewayError
 from gateway.exchange import Exchange
 from gateway.outbound import UpstreamRejected, UpstreamResponse, upstream_error
-from gateway.resume import Progress
+from gateway.protocol import build_upstream_body
+from gateway.resume import Progress, continuation
 from gateway.scheduler import Ticket
 from gateway.steps import Step
 
@@ -71,6 +74,27 @@ async def read_first_event(response: UpstreamResponse) -> Opened:
             )
         )
     return Opened(first, events)
+
+
+def upstream_body(call: Call, model: str | None) -> bytes:
+    """The JSON body of the call's next attempt at an upstream serving ``model``: the whole
+    step, or after a pause the rest of it (see gateway.resume)."""
+    step, progress = call.step, call.progress
+    extra: dict[str, Any] = {}
+    if progress.segment:  # resuming: the rest of the answer, after what it has
+        step, extra = continuation(step, progress.text)
+    body = build_upstream_body(
+        step.task,
+        step.request,
+        max_tokens=max(call.max_tokens - progress.tokens, 1),
+        priority=to_vllm_priority(call.ticket.effective_priority),
+        model=model,
+        extra_system=step.extra_system,
+    )
+    body.update(extra)
+    if call.ticket.preemptible:  # usage in every chunk: how far it got, in tokens, if paused
+        body["stream_options"]["continuous_usage_stats"] = True
+    return orjson.dumps(body)
 
 
 def dispatched(ex: Exchange, ticket: Ticket) -> None:

@@ -31,6 +31,7 @@ from dataclasses import replace
 from typing import Any
 
 from gateway import sse
+from gateway.chunks import Assembler
 from gateway.steps import Step
 
 #: Request fields that make a generation impossible to continue faithfully from its text: a
@@ -75,20 +76,15 @@ class Progress:
     def text(self) -> str:
         return "".join(self._text)
 
-    @property
-    def before(self) -> int:
-        """Tokens generated in earlier segments."""
-        return self._before
-
-    def resumed(self, generated: tuple[str, int] | None = None, usage: Any = None) -> None:
-        """A new segment starts (after a pause). ``generated``: the text and token count so
-        far, and ``usage`` the paused segment's last, when something else read them (a
-        collected answer's assembler); by default what this progress read itself."""
-        if self.segment == 0 and isinstance(usage, dict):
-            self._note_prompt(usage)
+    def resumed(self, collected: Assembler | None = None) -> None:
+        """A new segment starts (after a pause). ``collected``: the assembler that read a
+        collected answer's chunks (its text so far, its segment's tokens and usage); by
+        default what this progress read itself."""
+        if collected is not None:
+            if self.segment == 0 and isinstance(collected.usage, dict):
+                self._note_prompt(collected.usage)
+            self._text, self.tokens = [collected.text], self._before + collected.tokens
         self.segment += 1
-        if generated is not None:
-            self._text, self.tokens = [generated[0]], generated[1]
         self._before = self.tokens
 
     def read(self, batch: bytes) -> bytes:
@@ -143,7 +139,7 @@ class Progress:
         if isinstance(usage, dict) and isinstance(usage.get("completion_tokens"), int):
             # Exact (vLLM holds back text of a partial character, so chunks undercount).
             self.tokens = self._before + usage["completion_tokens"]
-            if self.segment == 0:
+            if self.segment == 0 and self._prompt_tokens is None:
                 self._note_prompt(usage)
 
     def _is_role_only(self, chunk: dict[str, Any]) -> bool:

@@ -130,7 +130,7 @@ class Completions:
         policy = _policy(config.classes, task, wanted, tenant)
         ex.priority_class = policy.name
         request = parse_request(endpoint, body)
-        check_for_task(task, request, [t.name for t in config.tasks.values() if t.tools])
+        check_for_task(task, request, config.tasks)
         ex.stream = request.stream
         try:
             life.admit(tenant)

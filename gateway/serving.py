@@ -34,8 +34,6 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 from typing import Any
 
-import orjson
-
 from gateway import sse
 from gateway.admission import degrade, refuse_if_late
 from gateway.calls import (
@@ -46,9 +44,9 @@ from gateway.calls import (
     read_first_event,
     take_usage,
     take_usage_chunk,
+    upstream_body,
 )
 from gateway.chunks import Assembler, collect
-from gateway.classes import to_vllm_priority
 from gateway.config import Task
 from gateway.dispatch import Dispatcher
 from gateway.errors import (
@@ -64,8 +62,7 @@ from gateway.input_limit import fit_input
 from gateway.lifecycle import Lifecycle
 from gateway.metrics import Metrics
 from gateway.outbound import UpstreamClient, UpstreamRejected
-from gateway.protocol import build_upstream_body
-from gateway.resume import Progress, continuation, resumable
+from gateway.resume import Progress, resumable
 from gateway.scheduler import Ticket
 from gateway.steps import Answer, Step, Stream
 from gateway.upstreams import Upstreams
@@ -195,15 +192,12 @@ class Serving:
         dispatched(life.exchange, ticket)
 
     async def _resume(
-        self,
-        life: Lifecycle,
-        call: Call,
-        generated: tuple[str, int] | None = None,
-        usage: Any = None,
+        self, life: Lifecycle, call: Call, collected: Assembler | None = None
     ) -> Opened:
-        """Continue a paused call where it stopped, once it has a slot again."""
+        """Continue a paused call where it stopped, once it has a slot again (``collected``:
+        the assembler of a collected answer, which read its chunks)."""
         await self._requeue(life, call)
-        call.progress.resumed(generated, usage)
+        call.progress.resumed(collected)
         tokens = call.progress.tokens
         self._metrics.resumed_tokens.labels(call.ticket.policy.name).inc(tokens)
         life.exchange.resumed_tokens += tokens
@@ -228,30 +222,11 @@ class Serving:
         return replace(step, request=request)
 
     async def _attempt(self, life: Lifecycle, call: Call) -> Opened:
-        ticket, step, progress = call.ticket, call.step, call.progress
-        assert ticket.upstream is not None
-        upstream = self._upstreams[ticket.upstream]
-        extra: dict[str, Any] = {}
-        if progress.segment:  # resuming: the rest of the answer, after what it has
-            step, extra = continuation(step, progress.text)
-        body = build_upstream_body(
-            step.task,
-            step.request,
-            max_tokens=max(call.max_tokens - progress.tokens, 1),
-            priority=to_vllm_priority(ticket.effective_priority),
-            model=upstream.model,
-            extra_system=step.extra_system,
-        )
-        body.update(extra)
-        # Always a stream from vLLM (see gateway.chunks), always with usage: the relay drops
-        # the usage chunk again for a client that did not ask for it.
-        body["stream"] = True
-        body["stream_options"] = {"include_usage": True}
-        if ticket.preemptible:  # usage in every chunk: how far it got, in tokens, if paused
-            body["stream_options"]["continuous_usage_stats"] = True
-        raw = orjson.dumps(body)
+        assert call.ticket.upstream is not None
+        upstream = self._upstreams[call.ticket.upstream]
+        raw = upstream_body(call, upstream.model)
         headers = {"Content-Type": "application/json", "X-Request-Id": life.exchange.request_id}
-        url = upstream.base_url + PATHS[step.request.endpoint]
+        url = upstream.base_url + PATHS[call.step.request.endpoint]
         try:
             response = await self._client.post(url, raw, headers)
         except GatewayError as exc:
@@ -302,9 +277,7 @@ class Serving:
                 break
             except GatewayError as exc:
                 if life.paused:
-                    generated = call.progress.before + assembler.tokens
-                    progress = (assembler.text, generated)
-                    opened = await self._resume(life, call, progress, assembler.usage)
+                    opened = await self._resume(life, call, assembler)
                     continue
                 assert life.exchange.upstream is not None
                 self._upstreams.failed(life.exchange.upstream, exc.message)

@@ -23,7 +23,8 @@ from hypothesis import strategies as st
 
 from gateway.config import load_config
 from gateway.errors import BadRequest
-from gateway.protocol import MAX_DEPTH, parse_json
+from gateway.fields import MAX_DEPTH
+from gateway.protocol import parse_json
 from tests.fake_vllm import FakeVllm
 from tests.unit.conftest import GatewayFactory
 

@@ -106,12 +106,12 @@ async def test_a_request_that_fails_with_an_unexpected_error_is_recorded_and_rel
 ) -> None:
     """Anything raised, not only the gateway's own errors, ends in one record and one release:
     the tenant's concurrency slot comes back, and the request is counted."""
-    import gateway.serving
+    import gateway.calls
 
     def broken(*args: Any, **kwargs: Any) -> dict[str, Any]:
         raise RuntimeError("a bug in building the upstream body")
 
-    monkeypatch.setattr(gateway.serving, "build_upstream_body", broken)
+    monkeypatch.setattr(gateway.calls, "build_upstream_body", broken)
     async with start_gateway(keys_path=keys_file) as url, httpx.AsyncClient(base_url=url) as c:
         for _ in range(2):  # the tenant may have one request at a time: the first must end
             r = await c.post(
