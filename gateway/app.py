@@ -31,8 +31,7 @@ from gateway.config import Config, Task, load_config
 from gateway.errors import GatewayError, TaskNotFound
 from gateway.exchange import Exchange, record
 from gateway.middleware import RequestIdMiddleware
-from gateway.protocol import Endpoint
-from gateway.routes import Completions
+from gateway.routes import Completions, Surface
 from gateway.runtime import Runtime, build_runtime, close_runtime, start_background
 from gateway.settings import Settings
 from gateway.shutdown import Drain
@@ -78,6 +77,7 @@ def create_app(
     routes = [
         Route("/v1/chat/completions", _CompletionEndpoint("chat"), methods=["POST"]),
         Route("/v1/completions", _CompletionEndpoint("completions"), methods=["POST"]),
+        Route("/v1/responses", _CompletionEndpoint("responses"), methods=["POST"]),
         Route("/v1/models", models, methods=["GET"]),
         Route("/v1/models/{model:path}", model, methods=["GET"]),
         Route("/health", health, methods=["GET"]),
@@ -97,8 +97,8 @@ def create_app(
 class _CompletionEndpoint:
     """The ASGI app of one completion route: the lifespan's :class:`Completions` serves it."""
 
-    def __init__(self, endpoint: Endpoint) -> None:
-        self.endpoint: Endpoint = endpoint
+    def __init__(self, endpoint: Surface) -> None:
+        self.endpoint: Surface = endpoint
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         completions: Completions = scope["state"]["completions"]

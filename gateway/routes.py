@@ -20,7 +20,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, Literal
 
 import orjson
 from starlette.types import Receive, Scope, Send
@@ -42,6 +42,8 @@ from gateway.lifecycle import ClientGone, Lifecycle
 from gateway.metrics import Metrics
 from gateway.pipeline import assist
 from gateway.protocol import Endpoint, check_for_task, parse_json, parse_request
+from gateway.response_stream import StreamTranslator, translate
+from gateway.responses import ResponseShape
 from gateway.runtime import Tables
 from gateway.scheduler import Ticket
 from gateway.serving import Serving
@@ -49,6 +51,10 @@ from gateway.shutdown import Drain
 from gateway.steps import Answer, Budget, Step, Stream
 
 log = logging.getLogger("gateway")
+
+#: The client-facing API a request came in by: chat or completions, or the Responses API,
+#: which runs as a chat request (see gateway.responses).
+Surface = Endpoint | Literal["responses"]
 
 _JSON = (b"content-type", b"application/json")
 _SSE_HEADERS = [
@@ -59,7 +65,8 @@ _SSE_HEADERS = [
 
 
 class Completions:
-    """Serves ``POST /v1/chat/completions`` and ``/v1/completions``. Built in the lifespan."""
+    """Serves ``POST /v1/chat/completions``, ``/v1/completions`` and ``/v1/responses``. Built
+    in the lifespan."""
 
     def __init__(
         self,
@@ -82,7 +89,7 @@ class Completions:
         self._record = record
         self._max_body_bytes = max_body_bytes
 
-    async def handle(self, endpoint: Endpoint, scope: Scope, receive: Receive, send: Send) -> None:
+    async def handle(self, endpoint: Surface, scope: Scope, receive: Receive, send: Send) -> None:
         request_id: str = scope["state"]["request_id"]
         ex = Exchange(request_id, self._clock())
         out = _Responder(send, ex, self._clock)
@@ -95,13 +102,18 @@ class Completions:
                     # Until it reaches an upstream a request is answered at once on SIGTERM;
                     # after, it may run on for the grace period.
                     with self._drain.watch(started=lambda: ex.dispatched_at is not None):
-                        result = await self._serve(life, endpoint, headers, raw)
+                        result, shape = await self._serve(life, endpoint, headers, raw)
                     if isinstance(result, Answer):
-                        await out.json(200, _encode(result.body), result.headers)
+                        body = result.body if shape is None else shape.response(result.body)
+                        await out.json(200, _encode(body), result.headers)
                     else:
-                        await out.stream(
-                            self._drain.stream(result.events, life.failed), result.headers
-                        )
+                        events = self._drain.stream(result.events, life.failed)
+                        if shape is not None:
+                            # Outside the drain, so its cut's in-band error is retold too.
+                            translator = StreamTranslator(shape)
+                            out.in_band = translator.failed
+                            events = translate(events, translator)
+                        await out.stream(events, result.headers)
             except GatewayError as exc:
                 life.failed(exc)
                 await out.error(exc)
@@ -117,8 +129,8 @@ class Completions:
                 )
 
     async def _serve(
-        self, life: Lifecycle, endpoint: Endpoint, headers: Mapping[str, str], raw: bytes
-    ) -> Answer | Stream:
+        self, life: Lifecycle, endpoint: Surface, headers: Mapping[str, str], raw: bytes
+    ) -> tuple[Answer | Stream, ResponseShape | None]:
         tables = self._tables  # one task table for the whole request, even if a reload lands
         config, tenant = tables.config, tables.keys.identify(headers.get("authorization"))
         body = parse_json(raw)
@@ -129,7 +141,13 @@ class Completions:
         wanted = _wanted_class(config.classes, headers.get("x-priority"), tenant)
         policy = _policy(config.classes, task, wanted, tenant)
         ex.priority_class = policy.name
-        request = parse_request(endpoint, body)
+        shape = None
+        if endpoint == "responses":
+            shape = ResponseShape.parse(body)
+            shape.model = task.name
+            request = parse_request("chat", shape.chat_body)
+        else:
+            request = parse_request(endpoint, body)
         check_for_task(task, request, config.tasks)
         ex.stream = request.stream
         try:
@@ -152,7 +170,7 @@ class Completions:
             result = await assist(self._serving, life, config, step, label_policy)
         result.headers["X-Task"] = task.name
         result.headers["X-Priority-Class"] = policy.name
-        return result
+        return result, shape
 
 
 def _wanted_class(classes: ClassTable, wanted: str | None, tenant: Tenant) -> str | None:
@@ -255,6 +273,8 @@ class _Responder:
         self._ex = ex
         self._clock = clock
         self.started = False
+        #: How an error is told once the answer has started (a Responses stream's own way).
+        self.in_band: Callable[[GatewayError], bytes] = _chat_in_band
 
     async def _start(
         self, status: int, base: list[tuple[bytes, bytes]], extra: Mapping[str, str]
@@ -278,10 +298,13 @@ class _Responder:
     async def error(self, exc: GatewayError) -> None:
         """The error as a status and envelope, or in band if the answer has started."""
         if self.started:
-            body = sse.error_event(exc) + sse.DONE
-            await self._send({"type": "http.response.body", "body": body})
+            await self._send({"type": "http.response.body", "body": self.in_band(exc)})
             return
         await self.json(exc.status, exc.body(), exc.headers)
+
+
+def _chat_in_band(exc: GatewayError) -> bytes:
+    return sse.error_event(exc) + sse.DONE
 
 
 def _encode(body: dict[str, Any]) -> bytes:

@@ -39,6 +39,9 @@ class Behaviour:
     # tokenizer reads generated text back in a different number of tokens than it wrote
     # (random or multi-byte output merges); 1.0 is the identity.
     reread_tokens_per_word: float = 1.0
+    # A request that has tools answers with this call (name, JSON arguments) instead of
+    # words, in vLLM's pieces: id and name first, then the arguments in two fragments.
+    tool_call: tuple[str, str] | None = None
 
 
 @dataclass
@@ -184,11 +187,12 @@ class FakeVllm:
             # The partial answer is read as prompt tokens, as in vLLM.
             body["_reread"] = round(done * self.behaviour.reread_tokens_per_word)
         limit = body.get("max_tokens") or len(words)
+        body["_cut"] = limit < len(words)  # vLLM's finish_reason "length"
         return words[:limit]
 
     def _completion(self, body: dict[str, Any], words: list[str], chat: bool) -> dict[str, Any]:
         text = "".join(words)
-        choice: dict[str, Any] = {"index": 0, "finish_reason": "stop"}
+        choice: dict[str, Any] = {"index": 0, "finish_reason": _finish(body)}
         if chat:
             choice["message"] = {"role": "assistant", "content": text}
         else:
@@ -240,7 +244,21 @@ class FakeVllm:
 
         if chat:
             await response.write(chunk({"role": "assistant", "content": ""}))
-        for i, word in enumerate(words):
+        call = self.behaviour.tool_call if chat and body.get("tools") else None
+        if call is not None:
+            name, arguments = call
+            half = len(arguments) // 2
+            pieces = [
+                {"index": 0, "id": "chatcmpl-tool-fake", "type": "function", "function": {"name": name, "arguments": ""}},
+                {"index": 0, "function": {"arguments": arguments[:half]}},
+                {"index": 0, "function": {"arguments": arguments[half:]}},
+            ]  # fmt: skip
+            for piece in pieces:
+                sent += 1
+                await response.write(chunk({"tool_calls": [piece]}))
+            words = ["x"] * sent  # for the usage below: one token per piece
+            body["_finish"] = "tool_calls"
+        for i, word in enumerate(words if call is None else ()):
             if (
                 self.behaviour.break_after_chunks is not None
                 and i >= self.behaviour.break_after_chunks
@@ -254,7 +272,7 @@ class FakeVllm:
             self.words_sent += 1
             if i == 0 and self.behaviour.hold_after_first is not None:
                 await self.behaviour.hold_after_first.wait()
-        await response.write(chunk({"content": ""} if chat else "", finish="stop"))
+        await response.write(chunk({"content": ""} if chat else "", finish=_finish(body)))
         if (body.get("stream_options") or {}).get("include_usage"):
             usage = {
                 "id": "chatcmpl-fake", "object": obj, "created": 0, "model": self.model, "choices": [],
@@ -267,3 +285,7 @@ class FakeVllm:
         await response.write_eof()
         self.finished += 1
         return response
+
+
+def _finish(body: dict[str, Any]) -> str:
+    return str(body.get("_finish") or ("length" if body.get("_cut") else "stop"))
