@@ -10,12 +10,13 @@ Module layers, top to bottom; a module imports only from the rows below its own:
     calls        one upstream call's pieces         admission  degrade; refuse what cannot make it
     lifecycle    the owner of a request's resources and its record
     dispatch     asyncio glue around the scheduler  resume     continue a paused generation
+    sizing       each upstream's window size: fixed, or from its controller and measurements
     status       /status data    scrape  vLLM's /metrics    shutdown  draining on SIGTERM
     scheduler    pure queueing, dispatch and preemption decisions   tickets  its vocabulary
     auth         API keys and tenant limits   steps   a step and its results   upstreams  health
     input_limit  per-task input budgets       queues  class queues, completion rate
     protocol     OpenAI wire format   chunks  a stream put back together   exchange  a record
     config       the task table   fields  a request's knobs   sse  event framing   outbound  HTTP
-    window       adaptive window controller (not yet wired)    window_tuning  its settings
-    classes  errors  metrics  settings  breaker  middleware  estimates  recent   (leaves)
+    window       the adaptive window controller (pure logic, explicit clock)
+    classes  errors  metrics  settings  breaker  middleware  estimates  recent  window_tuning
 """

@@ -28,6 +28,7 @@ from gateway.scheduler import Scheduler, Window
 from gateway.scrape import Scraper, VllmLoad
 from gateway.serving import Serving
 from gateway.settings import Settings
+from gateway.sizing import Sizing
 from gateway.status import Status
 from gateway.upstreams import Upstream, Upstreams, upstream_name
 
@@ -52,6 +53,7 @@ class Runtime:
     client: UpstreamClient
     upstreams: Upstreams
     scraper: Scraper
+    sizing: Sizing
     serving: Serving
     status: Status
 
@@ -73,6 +75,7 @@ class Runtime:
             return False
         self.tables.config, self.tables.keys = config, keys
         self.scheduler.reconfigure(config.classes, config.max_queued)
+        self.sizing.reconfigure(config)
         self.metrics.preinitialise(
             ((t.name, t.priority_class) for t in config.tasks.values()),
             config.classes.names(),
@@ -101,6 +104,14 @@ def build_runtime(
     windows = [Window(name, settings.window, usable=False) for name in names]
     scheduler = Scheduler(config.classes, config.max_queued, windows)
     dispatcher = Dispatcher(scheduler, metrics)
+    sizing = Sizing(
+        windows,
+        config,
+        max_size=settings.window,
+        mode=settings.window_mode,
+        clock=dispatcher.now,
+        on_grow=dispatcher.kick,
+    )
 
     def on_change(upstream: Upstream) -> None:
         scheduler.windows[upstream.name].usable = upstream.up
@@ -117,8 +128,10 @@ def build_runtime(
         scheduler.windows[name].external = 0 if load is None else load.external
         if load is None:
             metrics.set_upstream_load(name, 0.0, 0.0, 0.0)
+            sizing.decoded(name, dispatcher.now(), None, None)
         else:
             metrics.set_upstream_load(name, load.running, load.waiting, load.kv_cache_usage or 0.0)
+            sizing.decoded(name, load.at, load.decode_s, load.decode_tokens)
         dispatcher.kick()
 
     scraper = Scraper(
@@ -148,7 +161,7 @@ def build_runtime(
         metrics.watch_inflight(window.name, partial(getattr, window, "inflight"))
         metrics.watch_window(window.name, partial(getattr, window, "size"))
         metrics.watch_breaker(window.name, partial(upstreams.breaker_state, window.name))
-    serving = Serving(dispatcher, upstreams, client, metrics)
+    serving = Serving(dispatcher, upstreams, client, metrics, sizing)
     return Runtime(
         settings,
         tables,
@@ -158,6 +171,7 @@ def build_runtime(
         client,
         upstreams,
         scraper,
+        sizing,
         serving,
         status,
     )
@@ -168,10 +182,12 @@ def _class_capacity(scheduler: Scheduler, pclass: str) -> int:
 
 
 def start_background(runtime: Runtime) -> list[asyncio.Task[None]]:
-    """Start the loops that watch the upstreams: health checks and metrics scraping."""
+    """Start the loops that watch the upstreams (health checks, metrics scraping) and size
+    their windows."""
     return [
         asyncio.create_task(runtime.upstreams.run(), name="upstream-health"),
         asyncio.create_task(runtime.scraper.run(), name="upstream-metrics"),
+        asyncio.create_task(runtime.sizing.run(), name="window-sizing"),
     ]
 
 

@@ -45,7 +45,11 @@ log = logging.getLogger("gateway.scrape")
 RUNNING = "vllm:num_requests_running"
 WAITING = "vllm:num_requests_waiting"
 KV_CACHE = "vllm:kv_cache_usage_perc"  # a ratio (1.0 = full) despite the name
-_WANTED = (RUNNING, WAITING, KV_CACHE)
+#: Inter-token latency histogram: its sum and count are the decode time and tokens of every
+#: request vLLM ran, cumulative (the adaptive window reads their differences).
+DECODE_S = "vllm:inter_token_latency_seconds_sum"
+DECODE_TOKENS = "vllm:inter_token_latency_seconds_count"
+_WANTED = (RUNNING, WAITING, KV_CACHE, DECODE_S, DECODE_TOKENS)
 
 #: Readings older than this many intervals, and this many seconds, no longer count.
 STALE_INTERVALS = 3
@@ -66,6 +70,8 @@ class VllmLoad:
     engine's, as a sum of ratios means nothing. ``kv_cache_usage`` is None if not exported.
     ``ours`` is how many of the upstream's requests this gateway had in flight when it read;
     ``held`` is the peak of :attr:`others` in the recent readings before this one.
+    ``decode_s`` and ``decode_tokens``: the inter-token latency histogram's sum and count,
+    summed over engines (None if not exported).
     """
 
     running: float
@@ -74,6 +80,8 @@ class VllmLoad:
     at: float
     ours: int = 0
     held: int = 0
+    decode_s: float | None = None
+    decode_tokens: float | None = None
 
     @property
     def requests(self) -> int:
@@ -151,8 +159,16 @@ def read_load(text: str, at: float, ours: int = 0) -> VllmLoad:
             values[sample[0]].append(sample[1])
     if not values[RUNNING] or not values[WAITING]:
         raise ScrapeFailed(f"the metrics page has no {RUNNING} and {WAITING}")
-    kv = values[KV_CACHE]
-    return VllmLoad(sum(values[RUNNING]), sum(values[WAITING]), max(kv) if kv else None, at, ours)
+    kv, decode_s, decode_tokens = values[KV_CACHE], values[DECODE_S], values[DECODE_TOKENS]
+    return VllmLoad(
+        sum(values[RUNNING]),
+        sum(values[WAITING]),
+        max(kv) if kv else None,
+        at,
+        ours,
+        decode_s=sum(decode_s) if decode_s else None,
+        decode_tokens=sum(decode_tokens) if decode_tokens else None,
+    )
 
 
 class Scraper:

@@ -64,6 +64,7 @@ from gateway.metrics import Metrics
 from gateway.outbound import UpstreamClient, UpstreamRejected
 from gateway.resume import Progress, resumable
 from gateway.scheduler import Ticket
+from gateway.sizing import Sizing
 from gateway.steps import Answer, Step, Stream
 from gateway.upstreams import Upstreams
 
@@ -80,11 +81,13 @@ class Serving:
         upstreams: Upstreams,
         client: UpstreamClient,
         metrics: Metrics,
+        sizing: Sizing,
     ) -> None:
         self._dispatcher = dispatcher
         self._upstreams = upstreams
         self._client = client
         self._metrics = metrics
+        self._sizing = sizing
         self.seen = Estimates()
 
     def now(self) -> float:
@@ -177,6 +180,7 @@ class Serving:
                 ex.first_byte_at = self._dispatcher.now()
                 ttft = ex.first_byte_at - (ex.dispatched_at or ex.arrival)
                 self.seen.ttft.observe(call.step.task.name, ttft)
+                self._sizing.first_token(upstream, call.step.task.name, ttft)
             return opened
 
     async def _requeue(self, life: Lifecycle, call: Call) -> None:

@@ -12,14 +12,18 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from gateway.window_tuning import WindowMode
+
 
 @dataclass(frozen=True, slots=True)
 class Settings:
     """Everything the gateway process needs besides the task table.
 
-    ``window`` is the per-upstream dispatch window: how many requests may be in flight at one
-    vLLM. Set it to that vLLM's ``--max-num-seqs`` so vLLM's own queue stays empty and the
-    order is decided here, where aging and deadlines can still change it.
+    ``window`` is the most requests that may be in flight at one vLLM: set it to that vLLM's
+    ``--max-num-seqs`` so vLLM's own queue stays empty and the order is decided here, where
+    aging, deadlines and preemption can still change it. With ``window_mode`` "adaptive" (the
+    default) the window in use is sized below that from measured latency (see
+    :mod:`gateway.sizing`); "fixed" keeps it at ``window``.
 
     ``shutdown_grace_s`` is how long requests already at an upstream may run on after SIGTERM
     (see :mod:`gateway.shutdown`).
@@ -29,6 +33,7 @@ class Settings:
     port: int = 8080
     upstreams: tuple[str, ...] = ("http://127.0.0.1:8000",)
     window: int = 8
+    window_mode: WindowMode = "adaptive"
     tasks_path: Path | None = None
     keys_path: Path | None = None
     env_keys: str | None = None  # GATEWAY_API_KEYS; never a flag, so keys stay out of `ps`
@@ -46,6 +51,7 @@ _ENV = {
     "port": "GATEWAY_PORT",
     "upstreams": "UPSTREAMS",
     "window": "GATEWAY_WINDOW",
+    "window_mode": "GATEWAY_WINDOW_MODE",
     "tasks": "GATEWAY_TASKS",
     "keys": "GATEWAY_KEYS",
     "max_body_bytes": "GATEWAY_MAX_BODY_BYTES",
@@ -80,7 +86,12 @@ def parse_settings(
     opt("host", d.host, "address to listen on")
     opt("port", d.port, "port to listen on", int)
     opt("upstreams", ",".join(d.upstreams), "comma-separated vLLM base URLs")
-    opt("window", d.window, "requests in flight per upstream (its --max-num-seqs)", int)
+    opt("window", d.window, "most requests in flight per upstream (its --max-num-seqs)", int)
+    opt(
+        "window_mode",
+        d.window_mode,
+        "adaptive (size the window from measured latency, up to --window) or fixed",
+    )
     opt("tasks", None, "task table TOML (default: the shipped one)")
     opt("keys", None, "API keys TOML (plain keys also from GATEWAY_API_KEYS=tenant:key,...)")
     opt("max_body_bytes", d.max_body_bytes, "largest accepted request body", int)
@@ -101,6 +112,9 @@ def parse_settings(
         p.error("at least one upstream is required")
     if a.window < 1:
         p.error("--window must be at least 1")
+    mode = str(a.window_mode).lower()
+    if mode not in ("adaptive", "fixed"):
+        p.error("--window-mode must be adaptive or fixed")
     if not (math.isfinite(a.shutdown_grace) and a.shutdown_grace >= 0):
         p.error("--shutdown-grace must be a number of seconds, zero or more")
     return Settings(
@@ -108,6 +122,7 @@ def parse_settings(
         port=a.port,
         upstreams=upstreams,
         window=a.window,
+        window_mode="fixed" if mode == "fixed" else "adaptive",
         tasks_path=Path(a.tasks) if a.tasks else None,
         keys_path=Path(a.keys) if a.keys else None,
         env_keys=env.get("GATEWAY_API_KEYS"),

@@ -113,22 +113,33 @@ class WindowController:
         t = self.tuning
         return t.stale_s if t.stale_s is not None else max(5.0, 3 * self.targets.ttft_s)
 
-    def observe_first_token(self, now: float, ttft_s: float, inflight: int) -> None:
+    def observe_first_token(
+        self, now: float, ttft_s: float, inflight: int, budget_s: float | None = None
+    ) -> None:
         """A dispatched request's first streamed event arrived ``ttft_s`` after dispatch.
 
-        A non-streamed answer is not a first token: its wait is the whole generation.
+        ``budget_s`` is the request's own time-to-first-token budget when it is looser than
+        the target (a long document's prefill is judged by its task's SLA, not by the
+        sentiment label's): the sample counts as ``ttft_s`` scaled to the target. A
+        non-streamed answer is not a first token: its wait is the whole generation.
         """
-        self._observe(now, self._ttft, _Sample(now, now - ttft_s, inflight, ttft_s, 1))
+        seconds = ttft_s if budget_s is None else ttft_s * self.targets.ttft_s / budget_s
+        self._observe(now, self._ttft, _Sample(now, now - ttft_s, inflight, seconds, 1))
 
-    def observe_tokens(self, now: float, tokens: int, seconds: float, inflight: int) -> None:
-        """``tokens`` were decoded in the last ``seconds`` of one request.
+    def observe_tokens(
+        self, now: float, tokens: int, seconds: float, inflight: int, since: float | None = None
+    ) -> None:
+        """``tokens`` were decoded in ``seconds`` of decode time, measured since ``since``.
 
-        Report streams in batches (about a second each) rather than once at the end: a batch
-        that started before the window last changed does not count, so only short batches
-        let the controller judge a new size quickly.
+        One request's batch (``since`` defaults to ``now - seconds``), or the upstream's own
+        inter-token latency histogram between two readings (``seconds`` is then the sum over
+        every running request, ``since`` the previous reading). Report in short batches
+        (about a second each): a batch that started before the window last changed does not
+        count, so only short ones let the controller judge a new size quickly.
         """
         if tokens > 0:
-            self._observe(now, self._tpot, _Sample(now, now - seconds, inflight, seconds, tokens))
+            start = now - seconds if since is None else since
+            self._observe(now, self._tpot, _Sample(now, start, inflight, seconds, tokens))
 
     def tick(self, now: float, inflight: int) -> int:
         """Decide, from what was observed, whether to grow, hold or shrink; the new size.

@@ -8,6 +8,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import Literal
+
+#: How a gateway sizes its windows: measured (``adaptive``) or always ``--window``.
+WindowMode = Literal["adaptive", "fixed"]
 
 
 class Decision(StrEnum):

@@ -36,7 +36,11 @@ def vllm() -> Iterator[VllmServer]:
 @pytest.fixture
 async def gateway(vllm: VllmServer) -> AsyncIterator[str]:
     settings = Settings(
-        upstreams=(vllm.url,), window=MAX_NUM_SEQS, health_interval_s=0.5, access_log=False
+        upstreams=(vllm.url,),
+        window=MAX_NUM_SEQS,
+        window_mode="fixed",  # the headroom test counts slots
+        health_interval_s=0.5,
+        access_log=False,
     )
     async with running_gateway(settings) as url:
         yield url

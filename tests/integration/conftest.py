@@ -47,7 +47,8 @@ def vllm_serial(servers: dict[str, VllmServer]) -> VllmServer:
 
 @pytest.fixture
 def start_gateway() -> Callable[..., AbstractAsyncContextManager[str]]:
-    """``async with start_gateway(server, window=8) as url`` (window defaults to max-num-seqs)."""
+    """``async with start_gateway(server, window=8) as url`` (window defaults to max-num-seqs,
+    held fixed: these tests count slots; pass ``window_mode="adaptive"`` to size it)."""
 
     def start(
         server: VllmServer, config: Config | None = None, **changes: object
@@ -55,6 +56,7 @@ def start_gateway() -> Callable[..., AbstractAsyncContextManager[str]]:
         base: dict[str, object] = {
             "upstreams": (server.url,),
             "window": server.max_num_seqs,
+            "window_mode": "fixed",
             "health_interval_s": 0.5,
             "access_log": False,
         }

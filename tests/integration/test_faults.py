@@ -95,6 +95,7 @@ async def test_killed_upstream_mid_stream_failover_and_recovery(
     pair_settings = Settings(
         upstreams=(victim.url, vllm.url),  # the victim first: it wins ties, so it gets work
         window=4,
+        window_mode="fixed",
         health_interval_s=0.5,
         access_log=False,
     )
@@ -176,7 +177,7 @@ async def test_two_gateways_sharing_one_vllm_see_each_others_load(
     gauge whose length depends on the machine's load (the hold in :mod:`gateway.scrape`,
     tested with a fake, keeps B out of it; that is not deterministic on real vLLM).
     """
-    b_args = ["--upstreams", vllm.url, "--window", str(vllm.max_num_seqs)]
+    b_args = ["--upstreams", vllm.url, "--window", str(vllm.max_num_seqs), "--window-mode", "fixed"]
     b_args += ["--health-interval", "0.5", "--access-log", "off", "--log-level", "warning"]
     async with (
         start_gateway(vllm) as a_url,

@@ -31,6 +31,7 @@ def start_gateway(fake: FakeVllm) -> GatewayFactory:
         base: dict[str, object] = {
             "upstreams": (fake.url,),
             "window": 4,
+            "window_mode": "fixed",  # scheduling tests count slots; test_sizing adapts it
             "health_interval_s": 0.2,
             "access_log": False,
         }

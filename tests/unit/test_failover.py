@@ -46,6 +46,7 @@ def start_pair(fake: FakeVllm, other: FakeVllm) -> PairFactory:
         base: dict[str, object] = {
             "upstreams": (fake.url, other.url),
             "window": 4,
+            "window_mode": "fixed",
             "health_interval_s": 0.2,
             "access_log": False,
         }

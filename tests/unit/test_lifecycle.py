@@ -27,6 +27,7 @@ def settings(fake: FakeVllm, **changes: Any) -> Settings:
     base: dict[str, Any] = {
         "upstreams": (fake.url,),
         "window": 1,
+        "window_mode": "fixed",
         "health_interval_s": 0.2,
         "access_log": False,
     }

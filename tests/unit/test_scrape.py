@@ -44,6 +44,13 @@ vllm:kv_cache_usage_perc{engine="0",model_name="qwen"} 0.25
 vllm:kv_cache_usage_perc{engine="1",model_name="qwen"} 0.5
 vllm:num_requests_running_total{model_name="qwen"} 99.0
 vllm:request_success_total{engine="0",finished_reason="stop",model_name="qwen"} 17.0
+# TYPE vllm:inter_token_latency_seconds histogram
+vllm:inter_token_latency_seconds_bucket{engine="0",le="0.01",model_name="qwen"} 3.0
+vllm:inter_token_latency_seconds_count{engine="0",model_name="qwen"} 40.0
+vllm:inter_token_latency_seconds_sum{engine="0",model_name="qwen"} 2.5
+vllm:inter_token_latency_seconds_count{engine="1",model_name="qwen"} 60.0
+vllm:inter_token_latency_seconds_sum{engine="1",model_name="qwen"} 3.5
+vllm:request_time_per_output_token_seconds_sum{engine="0",model_name="qwen"} 99.0
 """
 
 
@@ -103,7 +110,9 @@ def test_parse_line_skips_comments_blanks_and_garbage(line: str) -> None:
 
 def test_read_load_sums_engines_and_ignores_neighbours() -> None:
     load = read_load(VLLM_PAGE, at=12.0)
-    assert load == VllmLoad(running=5.0, waiting=4.0, kv_cache_usage=0.5, at=12.0)
+    assert load == VllmLoad(
+        running=5.0, waiting=4.0, kv_cache_usage=0.5, at=12.0, decode_s=6.0, decode_tokens=100.0
+    )
     assert load.requests == 9
 
 
@@ -111,6 +120,7 @@ def test_read_load_handles_crlf_nan_and_a_missing_kv_gauge() -> None:
     page = f'{RUNNING} 1\r\n{RUNNING}{{engine="1"}} NaN\r\n{WAITING} 2\r\n'
     load = read_load(page, at=0.0)
     assert (load.running, load.waiting, load.kv_cache_usage) == (1.0, 2.0, None)
+    assert (load.decode_s, load.decode_tokens) == (None, None)  # no histogram: no decode sample
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,156 @@
+"""Each upstream's dispatch window, sized by an adaptive controller from what is measured.
+
+The scheduler dispatches into :class:`~gateway.tickets.Window` objects; this module owns
+their ``size``. With ``window_mode = "fixed"`` the size stays at ``--window``; adaptive (the
+default) runs one :class:`~gateway.window.WindowController` per upstream with ``--window``
+(vLLM's ``--max-num-seqs``) as its ceiling, and ticks it twice a second. Evidence:
+
+- **Time to first token**, per request, measured by serving from dispatch to the first
+  event. Each sample is judged against its own task's budget, half its ``sla_ttft_s`` (the
+  other half is for the queue): a long document's prefill is not a sentiment label's.
+- **Decode speed**, from vLLM's own inter-token latency histogram, read by the metrics
+  scraper every health interval: every running request's tokens, at no cost to the
+  streaming relay. Its target is the tightest streaming task's pace: what is left of its
+  ``sla_latency_s`` after the first token, over its ``max_tokens``.
+
+A window that grows wakes the dispatcher (queued work may now go); one that shrinks just
+dispatches less until enough requests have finished.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+from collections.abc import Callable, Iterable, Mapping
+
+from gateway.config import Config
+from gateway.tickets import Window
+from gateway.window import WindowController, WindowSnapshot, WindowTargets
+from gateway.window_tuning import WindowMode
+
+log = logging.getLogger("gateway.sizing")
+
+#: Share of a task's ``sla_ttft_s`` the upstream may take (dispatch to first token); the rest
+#: is for waiting in the gateway's queue.
+TTFT_SHARE = 0.5
+#: How often the controllers decide; faster than their own pacing (growth at most once a
+#: second), so a decision is never late by more than this.
+TICK_S = 0.5
+
+
+def targets_for(config: Config) -> tuple[WindowTargets, dict[str, float]]:
+    """The window's targets for a task table, and each task's own TTFT budget.
+
+    The TTFT target is the tightest task's budget; the TPOT target the tightest pace of a
+    task whose answers are more than a few tokens (a label's whole answer is its first token).
+    """
+    budgets = {t.name: TTFT_SHARE * t.sla_ttft_s for t in config.tasks.values()}
+    paces = [
+        (t.sla_latency_s - t.sla_ttft_s) / (t.max_tokens - 1)
+        for t in config.tasks.values()
+        if t.pipeline is None and t.max_tokens > 16 and t.sla_latency_s > t.sla_ttft_s
+    ]
+    tpot = min(paces, default=1.0)
+    return WindowTargets(ttft_s=min(budgets.values(), default=1.0), tpot_s=tpot), budgets
+
+
+class Sizing:
+    """Owns the windows' sizes. Not thread-safe: one event loop owns it.
+
+    ``on_grow()`` is called when a window grew (the dispatcher's kick)."""
+
+    def __init__(
+        self,
+        windows: Iterable[Window],
+        config: Config,
+        *,
+        max_size: int,
+        mode: WindowMode,
+        clock: Callable[[], float],
+        on_grow: Callable[[], None],
+    ) -> None:
+        self._windows: Mapping[str, Window] = {w.name: w for w in windows}
+        self._clock = clock
+        self._on_grow = on_grow
+        targets, self._budgets = targets_for(config)
+        self.controllers: dict[str, WindowController] = {}
+        if mode == "adaptive":
+            self.controllers = {
+                name: WindowController(targets, max_size=max_size) for name in self._windows
+            }
+        for name, window in self._windows.items():
+            ctl = self.controllers.get(name)
+            window.size = max_size if ctl is None else ctl.size
+        #: The last reading of each upstream's decode histogram: (at, seconds, tokens).
+        self._decode: dict[str, tuple[float, float, float]] = {}
+
+    def reconfigure(self, config: Config) -> None:
+        targets, self._budgets = targets_for(config)
+        for ctl in self.controllers.values():
+            ctl.targets = targets
+
+    def first_token(self, upstream: str, task: str, ttft_s: float) -> None:
+        """A request of ``task`` got its first event ``ttft_s`` after it was dispatched."""
+        ctl = self.controllers.get(upstream)
+        if ctl is None:
+            return
+        budget = self._budgets.get(task)
+        ctl.observe_first_token(
+            self._clock(), ttft_s, self._windows[upstream].occupied, budget_s=budget
+        )
+
+    def decoded(
+        self, upstream: str, at: float, seconds: float | None, tokens: float | None
+    ) -> None:
+        """The upstream's cumulative inter-token latency (its histogram's sum and count) as
+        read at ``at``; the difference from the previous reading is one decode sample."""
+        ctl = self.controllers.get(upstream)
+        if ctl is None:
+            return
+        if seconds is None or tokens is None:
+            self._decode.pop(upstream, None)
+            return
+        last = self._decode.get(upstream)
+        self._decode[upstream] = (at, seconds, tokens)
+        if last is None or tokens < last[2]:  # first reading, or vLLM restarted
+            return
+        count, spent = round(tokens - last[2]), seconds - last[1]
+        if count > 0 and math.isfinite(spent) and spent >= 0:
+            occupied = self._windows[upstream].occupied
+            ctl.observe_tokens(at, count, spent, occupied, since=last[0])
+
+    def tick(self) -> None:
+        """Let every controller decide; wake the dispatcher if a window grew."""
+        now, grew = self._clock(), False
+        for name, ctl in self.controllers.items():
+            window = self._windows[name]
+            old = window.size
+            window.size = ctl.tick(now, inflight=window.occupied)
+            if window.size != old:
+                snap = ctl.snapshot()
+                log.info(
+                    "window %s: %d -> %d (%s; ttft %s, tpot %s)",
+                    name, old, window.size, snap.decision, _fmt(snap.ttft_s), _fmt(snap.tpot_s),
+                )  # fmt: skip
+            grew = grew or window.size > old
+        if grew:
+            self._on_grow()
+
+    def snapshots(self) -> dict[str, WindowSnapshot]:
+        return {name: ctl.snapshot() for name, ctl in self.controllers.items()}
+
+    async def run(self) -> None:
+        """Tick forever (cancel to stop); a fixed window has nothing to do."""
+        if not self.controllers:
+            return
+        while True:
+            try:
+                self.tick()
+            except Exception:  # a bug here must not freeze the windows: log it, go on
+                log.exception("sizing the dispatch windows failed")
+            await asyncio.sleep(TICK_S)
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f} s"
