@@ -31,6 +31,7 @@ import os
 import shlex
 import signal
 import sys
+import threading
 import time
 import urllib.request
 from collections import Counter
@@ -261,7 +262,7 @@ class Bench:
         seed = p.seed + repeat * 1000 + int(level * 100)
         trace = poisson_trace(rate, p.duration_s, self.mix, seed)
         prefix = f"[run {cfg}-{level:g}-{repeat}] "  # defeats the prefix cache across runs
-        gateway = None
+        gateway, watch = None, None
         try:
             if cfg in ("c", "d"):
                 gateway = gateway_server(
@@ -270,9 +271,11 @@ class Bench:
                     self.args.window,
                     self.logs / f"gateway-{cfg}-{level:g}-{repeat}.log",
                     self.args.tuned_tasks if cfg == "d" else None,
+                    extra=self.args.gateway_extra,
                 ).start()
                 gateway.wait_ready("/ready", timeout_s=60)
                 url = gateway.url + CHAT
+                watch = GatewayWatch(gateway.url)
             else:
                 url = self.vllm_url + CHAT
             vllm_pids = self.vllm_pids()
@@ -285,7 +288,8 @@ class Bench:
                 f"load avg {load_start[0]}...",
                 flush=True,
             )
-            results = asyncio.run(run_trace(url, trace, self.body_for(cfg, prefix), p.drain_s))
+            with watch or contextlib.nullcontext():
+                results = asyncio.run(run_trace(url, trace, self.body_for(cfg, prefix), p.drain_s))
             wall = time.monotonic() - wall0
             cpu1 = self._cpu_sample(vllm_pids, gateway)
         finally:
@@ -323,6 +327,7 @@ class Bench:
                     round(100 * (cpu1["vllm"] - cpu0["vllm"]) / wall, 1) if vllm_pids else None
                 ),
             },
+            "gateway": watch.summary(wall) if watch is not None else None,
             "accounting": accounting,
             "accounting_measured": slo_report.accounting(measured),
             "classes": classes,
@@ -338,6 +343,14 @@ class Bench:
             flush=True,
         )
         self.wait_vllm_idle()
+
+    def results_by_run(self) -> dict[tuple[str, float, int], list[Result]]:
+        by_run: dict[tuple[str, float, int], list[Result]] = {}
+        names = {f.name for f in dataclasses.fields(Result)}
+        for row in self.requests:
+            key = (row["config"], float(row["level"]), int(row["repeat"]))
+            by_run.setdefault(key, []).append(Result(**{k: row[k] for k in names}))
+        return by_run
 
     def wait_quiet(self, gateway: Server | None) -> float:
         """Wait (up to --quiet-wait s) until other people's processes leave the CPUs alone.
@@ -376,6 +389,63 @@ class Bench:
         return p.duration_s + min(p.drain_s, backlog + 20) + 5
 
 
+class GatewayWatch:
+    """Reads the gateway's /metrics once a second during a run (a thread, off the load
+    generator's loop): the window the controller chose, preemptions, resumed tokens."""
+
+    WANTED = ("gateway_window_size{", "gateway_preemptions_total{", "gateway_resumed_tokens_total{")
+
+    def __init__(self, url: str) -> None:
+        self._url = url + "/metrics"
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="gateway-watch", daemon=True)
+        self.windows: list[float] = []
+        self.last: dict[str, float] = {}
+
+    def __enter__(self) -> GatewayWatch:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+        self._read()  # the counters' final values
+
+    def _loop(self) -> None:
+        while not self._stop.wait(1.0):
+            if self._read():
+                self.windows.append(self.last["gateway_window_size{"])
+
+    def _read(self) -> bool:
+        try:
+            with urllib.request.urlopen(self._url, timeout=5) as r:
+                text = r.read().decode()
+        except OSError:
+            return False
+        totals = dict.fromkeys(self.WANTED, 0.0)
+        for line in text.splitlines():
+            for name in self.WANTED:
+                if line.startswith(name):
+                    totals[name] += float(line.rsplit(" ", 1)[1])
+        self.last = totals
+        return True
+
+    def summary(self, wall_s: float) -> dict[str, Any]:
+        ordered = sorted(self.windows)
+        preemptions = self.last.get("gateway_preemptions_total{", 0.0)
+        return {
+            "window": {
+                "min": ordered[0] if ordered else None,
+                "median": ordered[len(ordered) // 2] if ordered else None,
+                "max": ordered[-1] if ordered else None,
+                "last": self.windows[-1] if self.windows else None,
+            },
+            "preemptions": int(preemptions),
+            "preemptions_per_min": round(60 * preemptions / wall_s, 2) if wall_s > 0 else None,
+            "resumed_tokens": int(self.last.get("gateway_resumed_tokens_total{", 0.0)),
+        }
+
+
 def others_cpu(before: dict[str, float], after: dict[str, float]) -> float:
     """CPU seconds used between two samples by processes that are not the benchmark's."""
     ours = sum(after[k] - before[k] for k in ("loadgen", "gateway", "vllm"))
@@ -407,6 +477,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"model folder [{DEFAULT_MODEL}]")
     p.add_argument("--max-num-seqs", type=int, default=8, help="vLLM's --max-num-seqs [8]")
     p.add_argument("--window", type=int, help="the gateway's --window [= max-num-seqs]")
+    p.add_argument(
+        "--gateway-extra", default="", help="extra gateway flags, e.g. '--window-mode fixed'"
+    )
     p.add_argument("--port", type=int, default=19210, help="vLLM's port; the gateway's is +1")
     p.add_argument(
         "--kv-cache-gib",
@@ -441,6 +514,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     args.window = args.window or args.max_num_seqs
     args.vllm_extra = shlex.split(args.vllm_extra)
+    args.gateway_extra = shlex.split(args.gateway_extra)
     if not 19200 <= args.port <= 19298:
         p.error("--port must be in 19200-19298 (the gateway takes port + 1)")
     return args
@@ -566,7 +640,25 @@ def build_report(
         "runs": bench.runs,
         "summary": summary,
         "targets": slo_report.check_targets(summary, bench.runs, config),
+        "admission": admission_report(bench.results_by_run(), config, plan.warmup_s),
     }
+
+
+def admission_report(
+    by_run: dict[tuple[str, float, int], list[Result]], config: Config, warmup_s: float
+) -> list[dict[str, Any]]:
+    """Refusals and misses of each gateway run (c) against vLLM's (b) on the same trace."""
+    streams = {name: load.stream for name, load in LOADS.items()}
+    out = []
+    for (cfg, level, repeat), results in sorted(by_run.items()):
+        twin = by_run.get(("b", level, repeat))
+        if cfg != "c" or twin is None:
+            continue
+        measured = [r for r in results if r.at >= warmup_s]
+        twin_measured = [r for r in twin if r.at >= warmup_s]
+        classes = slo_report.admission(measured, twin_measured, config, streams)
+        out.append({"level": level, "repeat": repeat, "classes": classes})
+    return out
 
 
 def write_outputs(report: dict[str, Any], bench: Bench, out: Path) -> None:
@@ -592,7 +684,9 @@ def replot(path: Path, out: Path, notes: Sequence[str]) -> int:
     config = load_config()
     requests_csv = path.with_name("slo-requests.csv")
     if requests_csv.exists():
-        rederive(report, requests_csv, config)
+        by_run = read_requests(requests_csv)
+        rederive(report, by_run, config)
+        report["admission"] = admission_report(by_run, config, report["settings"]["warmup_s"])
     report["summary"] = slo_report.summarize(report["runs"])
     report["targets"] = slo_report.check_targets(report["summary"], report["runs"], config)
     report["notes"] = [*report.get("notes", []), *notes]
@@ -604,8 +698,8 @@ def replot(path: Path, out: Path, notes: Sequence[str]) -> int:
     return 0
 
 
-def rederive(report: dict[str, Any], requests_csv: Path, config: Config) -> None:
-    """Per-run class statistics again, from the one-line-per-request CSV."""
+def read_requests(requests_csv: Path) -> dict[tuple[str, float, int], list[Result]]:
+    """The one-line-per-request CSV, by run."""
     fields = {f.name: f.type for f in dataclasses.fields(Result)}
     by_run: dict[tuple[str, float, int], list[Result]] = {}
     with requests_csv.open(newline="") as f:
@@ -625,6 +719,13 @@ def rederive(report: dict[str, Any], requests_csv: Path, config: Config) -> None
                     values[name] = float(raw)
             key = (row["config"], float(row["level"]), int(row["repeat"]))
             by_run.setdefault(key, []).append(Result(**values))
+    return by_run
+
+
+def rederive(
+    report: dict[str, Any], by_run: dict[tuple[str, float, int], list[Result]], config: Config
+) -> None:
+    """Per-run class statistics again, from the requests."""
     warmup = report["settings"]["warmup_s"]
     window = report["settings"]["duration_s"] - warmup
     streams = {name: load.stream for name, load in LOADS.items()}

@@ -128,6 +128,38 @@ def class_stats(
     return out
 
 
+def admission(
+    gateway: Sequence[Result],
+    twin: Sequence[Result],
+    config: Config,
+    streams: Mapping[str, bool],
+) -> dict[str, dict[str, int]]:
+    """How good the gateway's refusals were, per class, against the same trace without it.
+
+    ``refused``: answered 429 at once (the gateway predicted a miss, or a class was behind);
+    ``refused_made_it_in_b``: of those, how many met their SLA in ``twin`` (vLLM alone with
+    static priority: the closest thing to "what if it had been admitted"); ``admitted``:
+    everything else with a verdict; ``admitted_missed``: of those, how many missed their SLA.
+    """
+    twins = {r.index: r for r in twin}
+    out: dict[str, dict[str, int]] = {}
+    for r in gateway:
+        task = config.tasks[r.task]
+        sla = (task.sla_latency_s, task.sla_ttft_s, streams[r.task])
+        row = out.setdefault(
+            task.priority_class,
+            {"refused": 0, "refused_made_it_in_b": 0, "admitted": 0, "admitted_missed": 0},
+        )
+        if r.status == 429:
+            row["refused"] += 1
+            other = twins.get(r.index)
+            row["refused_made_it_in_b"] += other is not None and attained(other, *sla)
+        elif not undecided(r, *sla):
+            row["admitted"] += 1
+            row["admitted_missed"] += not attained(r, *sla)
+    return {pclass: out[pclass] for pclass in config.classes.names() if pclass in out}
+
+
 def _mean(values: Sequence[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
@@ -464,7 +496,52 @@ def markdown(report: Mapping[str, Any]) -> str:
         "`attainment_vs_load.png` (SLO attainment and goodput by class).",
         "",
     ]
+    lines += _admission_lines(report.get("admission") or [])
+    lines += _gateway_lines(report["runs"])
     return "\n".join(lines)
+
+
+def _admission_lines(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    if not rows:
+        return []
+    lines = [
+        "## Refusals and misses (c, measured part)",
+        "",
+        "Refused: answered 429 at once; of those, how many met their SLA when the same trace "
+        "went to vLLM alone (b). Admitted: everything else with a verdict; of those, how many "
+        "missed their SLA.",
+        "",
+        "| load | repeat | class | refused | refused, made it in b | admitted | admitted, missed |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        for pclass, c in row["classes"].items():
+            lines.append(
+                f"| {row['level']:g}x | {row['repeat']} | {pclass} | {c['refused']} "
+                f"| {c['refused_made_it_in_b']} | {c['admitted']} | {c['admitted_missed']} |"
+            )
+    return [*lines, ""]
+
+
+def _gateway_lines(runs: Sequence[Mapping[str, Any]]) -> list[str]:
+    watched = [run for run in runs if run.get("gateway")]
+    if not watched:
+        return []
+    lines = [
+        "## The gateway's window and preemptions (read from its /metrics once a second)",
+        "",
+        "| load | config | repeat | window min / median / max / last | preemptions "
+        "| per minute | tokens resumed |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for run in watched:
+        g, w = run["gateway"], run["gateway"]["window"]
+        sizes = " / ".join(_fmt(w[k], 0) for k in ("min", "median", "max", "last"))
+        lines.append(
+            f"| {run['level']:g}x | {run['config']} | {run['repeat']} | {sizes} "
+            f"| {g['preemptions']} | {_fmt(g['preemptions_per_min'])} | {g['resumed_tokens']} |"
+        )
+    return [*lines, ""]
 
 
 # -- plots -------------------------------------------------------------------------------

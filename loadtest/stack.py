@@ -17,7 +17,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -136,9 +136,11 @@ def gateway_server(
     tasks: Path | None = None,
     keys: Path | None = None,
     launcher: list[str] | None = None,
+    extra: Sequence[str] = (),
 ) -> Server:
     """The gateway as ``python -m gateway``, or under ``launcher`` (e.g. a memory probe's
-    ``[python, loadtest/memprobe.py, serve, --]``), which gets the same arguments."""
+    ``[python, loadtest/memprobe.py, serve, --]``), which gets the same arguments; ``extra``
+    are more of them (e.g. ``["--window-mode", "fixed"]``)."""
     argv = [
         *(launcher or [sys.executable, "-m", "gateway"]),
         "--host", "127.0.0.1", "--port", str(port),
@@ -149,6 +151,7 @@ def gateway_server(
         argv += ["--tasks", str(tasks)]
     if keys is not None:
         argv += ["--keys", str(keys)]
+    argv += extra
     return Server("gateway", argv, f"http://127.0.0.1:{port}", log_path, group=False)
 
 
