@@ -207,15 +207,12 @@ class StreamTranslator:
         item, self._open = self._open, None
         if item is None:
             return b""
-        whole = "".join(item.text)
-        item.item["status"] = status
+        whole = self._fill(item, status)
         if item.item["type"] == "message":
-            item.item["content"] = [text_part(whole)]
             where = {"item_id": item.id, "output_index": item.index, "content_index": 0}
             out = self._event("response.output_text.done", **where, text=whole, logprobs=[])
             out += self._event("response.content_part.done", **where, part=text_part(whole))
         else:
-            item.item["arguments"] = whole
             out = self._event(
                 "response.function_call_arguments.done",
                 item_id=item.id,
@@ -226,6 +223,17 @@ class StreamTranslator:
         return out + self._event(
             "response.output_item.done", output_index=item.index, item=item.item
         )
+
+    @staticmethod
+    def _fill(item: _Item, status: str) -> str:
+        """Put the item's text so far into its final form; the text."""
+        whole = "".join(item.text)
+        item.item["status"] = status
+        if item.item["type"] == "message":
+            item.item["content"] = [text_part(whole)]
+        else:
+            item.item["arguments"] = whole
+        return whole
 
     def _complete(self) -> bytes:
         status, details = status_of(self._finish)
@@ -243,8 +251,8 @@ class StreamTranslator:
         them), then ``response.failed`` (whose ``error.code`` the SDK types as one of
         OpenAI's few codes, so the gateway's travels as its ``type``)."""
         self.finished = True
-        if self._open is not None:
-            self._open.item["status"] = "incomplete"
+        if self._open is not None:  # what it had, in its final form
+            self._fill(self._open, "incomplete")
         code = "rate_limit_exceeded" if error.get("type") == "rate_limit_error" else "server_error"
         failure = {"code": code, "message": error.get("message"), "type": error.get("code")}
         out = self._event(

@@ -40,7 +40,8 @@ class Behaviour:
     # (random or multi-byte output merges); 1.0 is the identity.
     reread_tokens_per_word: float = 1.0
     # A request that has tools answers with this call (name, JSON arguments) instead of
-    # words, in vLLM's pieces: id and name first, then the arguments in two fragments.
+    # words, in vLLM's pieces: id and name first, then the arguments in two fragments; once
+    # the last message is the tool's result, it answers in words again.
     tool_call: tuple[str, str] | None = None
 
 
@@ -244,7 +245,9 @@ class FakeVllm:
 
         if chat:
             await response.write(chunk({"role": "assistant", "content": ""}))
-        call = self.behaviour.tool_call if chat and body.get("tools") else None
+        messages = body.get("messages") or [{}]
+        answered = messages[-1].get("role") == "tool"  # a tool's result came back: text now
+        call = self.behaviour.tool_call if chat and body.get("tools") and not answered else None
         if call is not None:
             name, arguments = call
             half = len(arguments) // 2

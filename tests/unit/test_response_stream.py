@@ -222,6 +222,7 @@ def test_an_in_band_chat_error_ends_with_response_failed() -> None:
         "type": "deadline_exceeded",
     }
     assert failed["output"][0]["status"] == "incomplete"
+    assert failed["output"][0]["content"][0]["text"] == "Hel"
     assert t.finished
     assert t.feed(chunk({"content": "late"}) + DONE) == b""  # nothing after the end
     accepted_by_the_sdk(evs)

@@ -3,20 +3,40 @@ Response object, and refusals (400 in OpenAI's envelope) for what cannot map.
 
 The Response objects are validated with the installed ``openai`` SDK's own pydantic model
 (strictly, not the lenient construction the SDK uses for parsing), so a field of the wrong
-shape fails here before a client sees it. The app tests with real clients are in
-``test_responses_app.py``; the streamed form in ``test_response_stream.py``.
+shape fails here before a client sees it. Then the endpoint, in front of the fake vLLM, with
+the real clients: the ``openai`` SDK (``responses.create``, streamed and not, and
+``responses.stream``) and the OpenAI Agents SDK's default model. The streamed form's details
+are in ``test_response_stream.py``.
 """
 
 from __future__ import annotations
 
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
+import httpx
+import openai
 import pytest
+from agents import (
+    Agent,
+    ModelSettings,
+    OpenAIResponsesModel,
+    Runner,
+    function_tool,
+    set_tracing_disabled,
+)
+from openai import AsyncOpenAI
 from openai.types.responses import Response
 
+from gateway.auth import hash_key
 from gateway.errors import BadRequest
 from gateway.protocol import parse_request
 from gateway.responses import ResponseShape
+from tests.fake_vllm import FakeVllm
+from tests.support import assert_envelope
+from tests.unit.conftest import GatewayFactory
 
 WEATHER = {
     "type": "function",
@@ -395,3 +415,275 @@ def test_an_empty_answer_is_still_one_message_and_a_label_carries_over() -> None
     assert response.output_text == ""
     assert len(response.output) == 1
     assert body["sentiment"] == "positive"  # assist's label, as on chat
+
+
+# -- the endpoint, with real clients ------------------------------------------------------
+
+
+@pytest.fixture
+async def sdk(gateway: str) -> AsyncIterator[AsyncOpenAI]:
+    async with AsyncOpenAI(base_url=f"{gateway}/v1", api_key="none", max_retries=0) as c:
+        yield c
+
+
+def sse_events(text: str) -> list[dict[str, Any]]:
+    """A Responses stream's events as sent: ``event:`` and ``data:`` lines, no ``[DONE]``."""
+    out = []
+    for block in text.split("\n\n"):
+        if block:
+            head, data = block.split("\n")
+            event = json.loads(data.removeprefix("data: "))
+            assert head == f"event: {event['type']}"
+            out.append(event)
+    return out
+
+
+async def test_the_sdk_gets_a_response_from_the_chat_path(sdk: AsyncOpenAI, fake: FakeVllm) -> None:
+    raw = await sdk.responses.with_raw_response.create(
+        model="chat", input="Hi", instructions="Be brief.", max_output_tokens=40
+    )
+    response = raw.parse()
+    assert response.output_text == "Hello there friend"
+    assert response.status == "completed"
+    assert response.model == "chat"
+    assert response.usage is not None
+    assert response.usage.output_tokens == 3
+    # The same chat request the chat endpoint would send: the task's prompt first and
+    # authoritative, the instructions as context, its class's priority, max_tokens.
+    sent = fake.seen[-1].body
+    assert sent["messages"][0]["role"] == "system"
+    assert sent["messages"][0]["content"].endswith("Be brief.")
+    assert sent["messages"][1:] == [{"role": "user", "content": "Hi"}]
+    assert sent["max_tokens"] == 40
+    assert sent["priority"] == -30  # chat is interactive
+    assert raw.headers["x-task"] == "chat"
+    assert raw.headers["x-request-id"]
+    assert "total;dur=" in raw.headers["server-timing"]
+
+
+async def test_the_sdk_streams_a_response(
+    sdk: AsyncOpenAI, client: httpx.AsyncClient, fake: FakeVllm
+) -> None:
+    stream = await sdk.responses.create(model="chat", input="Hi", stream=True)
+    kinds, deltas = [], []
+    async for event in stream:
+        kinds.append(event.type)
+        if event.type == "response.output_text.delta":
+            deltas.append(event.delta)
+    assert kinds[:2] == ["response.created", "response.in_progress"]
+    assert kinds[-1] == "response.completed"
+    assert "".join(deltas) == "Hello there friend"
+    async with sdk.responses.stream(model="chat", input="Hi") as helper:
+        final = await helper.get_final_response()  # the SDK's helper checks ids and indices
+    assert final.output_text == "Hello there friend"
+    assert final.usage is not None
+    assert final.usage.input_tokens == 7
+    r = await client.post("/v1/responses", json={"model": "chat", "input": "Hi", "stream": True})
+    assert r.headers["content-type"].startswith("text/event-stream")
+    assert "[DONE]" not in r.text  # Responses streams just end
+    assert sse_events(r.text)[-1]["type"] == "response.completed"
+
+
+WEATHER_TOOL: Any = {
+    "type": "function",
+    "name": "get_weather",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+}
+
+
+async def test_a_tool_call_comes_back_as_a_function_call_item(
+    sdk: AsyncOpenAI, fake: FakeVllm
+) -> None:
+    fake.behaviour.tool_call = ("get_weather", '{"city": "Paris"}')
+    response = await sdk.responses.create(
+        model="chat", input="Weather?", tools=[WEATHER_TOOL], tool_choice="required"
+    )
+    (call,) = response.output
+    assert call.type == "function_call"
+    assert (call.name, call.arguments) == ("get_weather", '{"city": "Paris"}')
+    assert call.call_id == "chatcmpl-tool-fake"
+    sent = fake.seen[-1].body
+    assert sent["tools"] == [
+        {
+            "type": "function",
+            "function": {"name": "get_weather", "parameters": WEATHER_TOOL["parameters"]},
+        }
+    ]
+    assert sent["tool_choice"] == "required"
+    async with sdk.responses.stream(model="chat", input="Weather?", tools=[WEATHER_TOOL]) as s:
+        final = await s.get_final_response()
+    assert [(o.type, getattr(o, "arguments", None)) for o in final.output] == [
+        ("function_call", '{"city": "Paris"}')
+    ]
+    # The result goes back as input items; the conversation reaches vLLM as chat messages.
+    after = await sdk.responses.create(
+        model="chat",
+        tools=[WEATHER_TOOL],
+        input=[
+            {"role": "user", "content": "Weather?"},
+            {
+                "type": "function_call",
+                "call_id": call.call_id,
+                "name": call.name,
+                "arguments": call.arguments,
+            },
+            {"type": "function_call_output", "call_id": call.call_id, "output": "21 C"},
+        ],
+    )
+    assert after.output_text == "Hello there friend"
+    assert fake.seen[-1].body["messages"][-2:] == [
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {
+                    "id": call.call_id,
+                    "type": "function",
+                    "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'},
+                }
+            ],
+        },
+        {"role": "tool", "tool_call_id": call.call_id, "content": "21 C"},
+    ]
+
+
+async def test_max_output_tokens_reached_is_an_incomplete_response(
+    sdk: AsyncOpenAI, client: httpx.AsyncClient
+) -> None:
+    response = await sdk.responses.create(model="chat", input="Hi", max_output_tokens=2)
+    assert response.status == "incomplete"
+    assert response.incomplete_details is not None
+    assert response.incomplete_details.reason == "max_output_tokens"
+    assert response.output_text == "Hello there"
+    r = await client.post(
+        "/v1/responses",
+        json={"model": "chat", "input": "Hi", "stream": True, "max_output_tokens": 2},
+    )
+    assert sse_events(r.text)[-1]["type"] == "response.incomplete"
+
+
+async def test_refusals_and_unknown_tasks_are_errors_in_the_envelope(
+    sdk: AsyncOpenAI, client: httpx.AsyncClient, fake: FakeVllm
+) -> None:
+    with pytest.raises(openai.BadRequestError) as info:
+        await sdk.responses.create(model="chat", input="more", previous_response_id="resp_1")
+    assert info.value.code == "unsupported_parameter"
+    assert info.value.param == "previous_response_id"
+    with pytest.raises(openai.NotFoundError):
+        await sdk.responses.create(model="gpt-4o", input="Hi")
+    with pytest.raises(openai.BadRequestError) as info:  # a label task takes no tools
+        await sdk.responses.create(model="sentiment", input="Hi", tools=[WEATHER_TOOL])
+    assert info.value.code == "unsupported_parameter"
+    assert_envelope(await client.post("/v1/responses", content=b"{"), 400, "invalid_json")
+    assert_envelope(await client.post("/v1/responses", json={"model": "chat"}), 400)
+    stream = {"model": "chat", "input": [{"type": "item_reference", "id": "x"}], "stream": True}
+    assert_envelope(await client.post("/v1/responses", json=stream), 400)  # before any event
+    assert len(fake.seen) == 0  # none of these reached vLLM
+
+
+async def test_label_and_two_step_tasks_answer_through_responses(
+    sdk: AsyncOpenAI, client: httpx.AsyncClient, fake: FakeVllm
+) -> None:
+    label = await sdk.responses.create(model="sentiment", input="I love it")
+    assert label.output_text == "positive"
+    assert fake.seen[-1].body["structured_outputs"] == {"choice": ["positive", "negative"]}
+    raw = await sdk.responses.with_raw_response.create(model="assist", input="I love it")
+    reply = raw.parse()
+    assert raw.headers["x-sentiment"] == "positive"
+    assert reply.model == "assist"
+    assert reply.output_text == "Hello there friend"
+    assert reply.model_extra is not None
+    assert reply.model_extra["sentiment"] == "positive"
+    r = await client.post(
+        "/v1/responses", json={"model": "assist", "input": "I love it", "stream": True}
+    )
+    events = sse_events(r.text)
+    assert events[0]["response"]["sentiment"] == "positive"
+    assert events[-1]["type"] == "response.completed"
+
+
+async def test_x_task_x_priority_and_key_ceilings_apply_as_on_chat(
+    start_gateway: GatewayFactory, fake: FakeVllm, tmp_path: Path
+) -> None:
+    keys = tmp_path / "keys.toml"
+    keys.write_text(
+        f"""
+[tenants.limited]
+keys = ["{hash_key("sk-limited")}"]
+tasks = ["chat"]
+max_class = "standard"
+"""
+    )
+    async with start_gateway(keys_path=keys) as url, httpx.AsyncClient(base_url=url) as c:
+        auth = {"Authorization": "Bearer sk-limited"}
+        body = {"model": "gpt-4o", "input": "Hi"}
+        r = await c.post("/v1/responses", json=body, headers={**auth, "X-Task": "chat"})
+        assert r.status_code == 200, r.text
+        assert r.json()["model"] == "chat"
+        assert r.headers["x-priority-class"] == "standard"  # chat is interactive; the key caps it
+        assert fake.seen[-1].body["priority"] == -20
+        r = await c.post(
+            "/v1/responses", json=body, headers={**auth, "X-Task": "chat", "X-Priority": "batch"}
+        )
+        assert r.headers["x-priority-class"] == "batch"
+        assert fake.seen[-1].body["priority"] == -10
+        forbidden = await c.post(
+            "/v1/responses", json={"model": "sentiment", "input": "x"}, headers=auth
+        )
+        assert_envelope(forbidden, 403, "task_not_allowed")
+        assert_envelope(await c.post("/v1/responses", json=body), 401)
+
+
+async def test_a_stream_the_upstream_breaks_ends_with_response_failed(
+    client: httpx.AsyncClient, fake: FakeVllm
+) -> None:
+    fake.behaviour.break_after_chunks = 1
+    r = await client.post("/v1/responses", json={"model": "chat", "input": "Hi", "stream": True})
+    assert r.status_code == 200  # the stream had started
+    events = sse_events(r.text)
+    assert [e["type"] for e in events][-2:] == ["error", "response.failed"]
+    assert events[-2]["message"].startswith("the upstream broke off the stream")
+    (partial,) = events[-1]["response"]["output"]  # what had been sent, kept
+    assert partial["status"] == "incomplete"
+    assert partial["content"][0]["text"] == "Hello"
+    assert "[DONE]" not in r.text
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+async def test_an_openai_agent_with_a_function_tool_runs_on_the_default_model(
+    gateway: str, fake: FakeVllm, streamed: bool
+) -> None:
+    set_tracing_disabled(True)  # the SDK would send traces to OpenAI
+    fake.behaviour.tool_call = ("weather", '{"city": "Paris"}')
+    asked: list[str] = []
+
+    @function_tool
+    def weather(city: str) -> str:
+        """The weather in a city."""
+        asked.append(city)
+        return f"21 C in {city}"
+
+    async with AsyncOpenAI(base_url=f"{gateway}/v1", api_key="none", max_retries=0) as c:
+        agent = Agent(
+            name="forecaster",
+            instructions="Answer with the weather tool.",
+            tools=[weather],
+            model=OpenAIResponsesModel(model="chat", openai_client=c),
+            model_settings=ModelSettings(tool_choice="required", max_tokens=64),
+        )
+        if streamed:
+            run = Runner.run_streamed(agent, "Weather in Paris?", max_turns=4)
+            kinds = [event.type async for event in run.stream_events()]
+            assert "raw_response_event" in kinds
+            final = run.final_output
+        else:
+            final = (await Runner.run(agent, "Weather in Paris?", max_turns=4)).final_output
+    assert asked == ["Paris"]
+    assert final == "Hello there friend"
+    # Its second turn sent the call and its result back as input items, and the tool's
+    # output reached vLLM as a tool message.
+    assert fake.seen[-1].body["messages"][-1] == {
+        "role": "tool",
+        "tool_call_id": "chatcmpl-tool-fake",
+        "content": "21 C in Paris",
+    }
