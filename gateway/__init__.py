@@ -5,6 +5,8 @@ Module layers, top to bottom; a module imports only from the rows below its own:
     __main__     command line: settings, logging, uvicorn
     app          routes and lifespan: composes the rest
     routes       the completion endpoints: one owner per request, HTTP in and out
+    response_stream  a chat stream retold as Responses API events
+    responses    the Responses API: its request as a chat request, a chat answer as a Response
     runtime      the long-lived parts    pipeline   two-step tasks (assist) as two serving calls
     serving      one task step: queue, count, call with failover, relay or collect, pause/resume
     calls        one upstream call's pieces         admission  degrade; refuse what cannot make it
