@@ -110,14 +110,16 @@ class ResponseShape:
             if body.get(name) is not None:
                 chat[name] = body[name]
         tools = _tools(body.get("tools"))
+        tool_choice = _tool_choice(body.get("tool_choice"))
+        parallel = optional(body, "parallel_tool_calls", bool)
         if tools:
             chat["tools"] = tools
-        tool_choice = _tool_choice(body.get("tool_choice"))
-        if tool_choice is not None:
+            if parallel is not None:
+                chat["parallel_tool_calls"] = parallel
+        if tool_choice is not None and (tools or tool_choice not in ("auto", "none")):
+            # Without tools, "auto" and "none" mean the same as nothing (OpenAI takes them
+            # so); "required" or a named tool stays, and the chat path refuses it.
             chat["tool_choice"] = tool_choice
-        parallel = optional(body, "parallel_tool_calls", bool)
-        if parallel is not None:
-            chat["parallel_tool_calls"] = parallel
         text = _text(body.get("text"), chat)
         metadata = body.get("metadata")
         if metadata is not None and not isinstance(metadata, Mapping):
@@ -190,6 +192,7 @@ class ResponseShape:
             "store": False,
             **self.echo,
         }
+        # gateway.pipeline.LABEL_FIELD: a two-step task's label, on its answer as on chat
         if extra is not None and "sentiment" in extra:
             response["sentiment"] = extra["sentiment"]
         return response

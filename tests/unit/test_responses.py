@@ -249,9 +249,21 @@ def test_function_tools_tool_choice_and_text_format_map_to_chat() -> None:
         {"model": "chat", "input": "x", "text": {"format": {"type": "json_object"}}}
     )
     assert json_object.chat_body["response_format"] == {"type": "json_object"}
-    plain = ResponseShape.parse({"model": "chat", "input": "x", "tools": [], "tool_choice": "auto"})
-    assert "tools" not in plain.chat_body
-    assert "response_format" not in plain.chat_body
+    # No tools: "auto" and parallel_tool_calls change nothing, so a task without tools takes
+    # them; "required" still needs tools (the chat path says so).
+    plain = ResponseShape.parse(
+        {
+            "model": "summarize",
+            "input": "x",
+            "tools": [],
+            "tool_choice": "auto",
+            "parallel_tool_calls": True,
+        }
+    )
+    assert parse_request("chat", plain.chat_body).sampling == {}
+    required = ResponseShape.parse({"model": "chat", "input": "x", "tool_choice": "required"})
+    with pytest.raises(BadRequest, match="tool_choice needs tools"):
+        parse_request("chat", required.chat_body)
 
 
 @pytest.mark.parametrize(
