@@ -12,6 +12,10 @@ into. One watcher turns a client's disconnect, at any point after the body was r
 :class:`~gateway.lifecycle.ClientGone`, which cancels the queue wait or closes the upstream
 call. Shutdown: the part before the upstream runs under :meth:`Drain.watch` (a 503 if cut),
 the stream under :meth:`Drain.stream` (an in-band error if cut).
+
+``/v1/responses`` takes the same path as a chat request: its body is translated before the
+chat request is parsed, and the chat answer or events (in-band errors included) after
+(:mod:`gateway.responses`, :mod:`gateway.response_stream`).
 """
 
 from __future__ import annotations
