@@ -237,7 +237,7 @@ class StreamTranslator:
 
     def _complete(self) -> bytes:
         status, details = status_of(self._finish)
-        out = b""
+        out = self._start()  # (a stream is never just [DONE], but it would still be whole)
         if not self._output:  # no text and no call: still one (empty) message, as OpenAI
             out += self._open_message()[1]
         out += self._close("incomplete" if status == "incomplete" else "completed")

@@ -200,6 +200,13 @@ def test_an_answer_without_text_is_still_one_empty_message() -> None:
     assert accepted_by_the_sdk(evs).output_text == ""
 
 
+def test_a_bare_done_is_still_a_whole_response() -> None:
+    evs = events(translator().feed(DONE))
+    assert types(evs)[:2] == ["response.created", "response.in_progress"]
+    assert types(evs)[-1] == "response.completed"
+    accepted_by_the_sdk(evs)
+
+
 def test_an_in_band_chat_error_ends_with_response_failed() -> None:
     t = translator()
     raw = t.feed(ROLE + chunk({"content": "Hel"}))
