@@ -31,6 +31,7 @@ from gateway.settings import Settings
 from gateway.sizing import Sizing
 from gateway.status import Status
 from gateway.upstreams import Upstream, Upstreams, upstream_name
+from gateway.window_tuning import WindowTuning
 
 log = logging.getLogger("gateway")
 
@@ -109,8 +110,12 @@ def build_runtime(
         config,
         max_size=settings.window,
         mode=settings.window_mode,
+        running=scheduler.running,
         clock=dispatcher.now,
         on_grow=dispatcher.kick,
+        # Decode evidence comes with each metrics scrape, and a busy vLLM is slow to answer
+        # one: silence counts as saturation only after several missed scrapes.
+        tuning=WindowTuning(stale_s=max(10.0, 4 * settings.health_interval_s)),
     )
 
     def on_change(upstream: Upstream) -> None:

@@ -82,6 +82,10 @@ class Scheduler:
         """Entries in the expiry heap: at most twice the queued tickets."""
         return len(self._expiries)
 
+    def running(self) -> Iterable[Ticket]:
+        """The dispatched tickets, oldest dispatch first."""
+        return self._running.keys()
+
     def waiting(self) -> Iterator[Ticket]:
         for queue in self._queues.values():
             yield from queue

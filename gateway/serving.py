@@ -64,7 +64,7 @@ from gateway.metrics import Metrics
 from gateway.outbound import UpstreamClient, UpstreamRejected
 from gateway.resume import Progress, resumable
 from gateway.scheduler import Ticket
-from gateway.sizing import Sizing
+from gateway.sizing import Sizing, pace_for
 from gateway.steps import Answer, Step, Stream
 from gateway.upstreams import Upstreams
 
@@ -102,7 +102,7 @@ class Serving:
         max_tokens = degrade(scheduler, self._metrics, life.exchange, step, headers, now)
         refuse_if_late(scheduler, self.seen, self._metrics, life.exchange, step, max_tokens, now)
         # A two-step task's reply (first_event) is not paused: its first chunk is rewritten.
-        ticket = await self._dispatch(life, step, pausable=first_event is None)
+        ticket = await self._dispatch(life, step, max_tokens, pausable=first_event is None)
         call = Call(step, ticket, max_tokens, Progress(step.request.endpoint == "chat"))
         try:
             async with asyncio.timeout_at(ticket.deadline):
@@ -114,7 +114,9 @@ class Serving:
         self._arm_deadline(life, ticket.deadline)
         return Stream(self._relay(life, call, opened, first_event), headers)
 
-    async def _dispatch(self, life: Lifecycle, step: Step, *, pausable: bool) -> Ticket:
+    async def _dispatch(
+        self, life: Lifecycle, step: Step, max_tokens: int, *, pausable: bool
+    ) -> Ticket:
         """Queue the step and wait for its turn; the ticket names the upstream it got."""
         if not self._upstreams.any_up():
             raise ServiceUnavailable(
@@ -131,6 +133,7 @@ class Serving:
             queue_deadline=ex.arrival + min(step.budget.queue_s, step.budget.total_s),
             deadline=ex.arrival + step.budget.total_s,  # deadlines count from the arrival
             need_s=self.seen.ttft.get(step.task.name),
+            pace_s=pace_for(step.task, max_tokens),
             tenant=step.tenant,
         )
         life.ticket = ticket

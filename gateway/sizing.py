@@ -8,10 +8,14 @@ default) runs one :class:`~gateway.window.WindowController` per upstream with ``
 - **Time to first token**, per request, measured by serving from dispatch to the first
   event. Each sample is judged against its own task's budget, half its ``sla_ttft_s`` (the
   other half is for the queue): a long document's prefill is not a sentiment label's.
-- **Decode speed**, from vLLM's own inter-token latency histogram, read by the metrics
+- **Decode pace**, from vLLM's own inter-token latency histogram, read by the metrics
   scraper every health interval: every running request's tokens, at no cost to the
-  streaming relay. Its target is the tightest streaming task's pace: what is left of its
-  ``sla_latency_s`` after the first token, over its ``max_tokens``.
+  streaming relay. vLLM decodes its running requests in one batch, so they share one pace,
+  and the target is the tightest pace among the requests in flight *now* (:func:`pace_for`):
+  a window full of batch work, whose SLA is minutes, may decode slowly; once a chat is among
+  them, the window must decode at the chat's pace. A pace target that no request in flight
+  needs would shrink the window for nobody's benefit (measured: a fixed chat pace shrank
+  the window to 1 under a batch-heavy mix and cut throughput by more than half).
 
 A window that grows wakes the dispatcher (queued work may now go); one that shrinks just
 dispatches less until enough requests have finished.
@@ -24,10 +28,10 @@ import logging
 import math
 from collections.abc import Callable, Iterable, Mapping
 
-from gateway.config import Config
-from gateway.tickets import Window
+from gateway.config import Config, Task
+from gateway.tickets import Ticket, Window
 from gateway.window import WindowController, WindowSnapshot, WindowTargets
-from gateway.window_tuning import WindowMode
+from gateway.window_tuning import WindowMode, WindowTuning
 
 log = logging.getLogger("gateway.sizing")
 
@@ -39,25 +43,26 @@ TTFT_SHARE = 0.5
 TICK_S = 0.5
 
 
-def targets_for(config: Config) -> tuple[WindowTargets, dict[str, float]]:
-    """The window's targets for a task table, and each task's own TTFT budget.
+def ttft_budgets(config: Config) -> dict[str, float]:
+    """Each task's time-to-first-token budget at the upstream (dispatch to first event)."""
+    return {t.name: TTFT_SHARE * t.sla_ttft_s for t in config.tasks.values()}
 
-    The TTFT target is the tightest task's budget; the TPOT target the tightest pace of a
-    task whose answers are more than a few tokens (a label's whole answer is its first token).
-    """
-    budgets = {t.name: TTFT_SHARE * t.sla_ttft_s for t in config.tasks.values()}
-    paces = [
-        (t.sla_latency_s - t.sla_ttft_s) / (t.max_tokens - 1)
-        for t in config.tasks.values()
-        if t.pipeline is None and t.max_tokens > 16 and t.sla_latency_s > t.sla_ttft_s
-    ]
-    tpot = min(paces, default=1.0)
-    return WindowTargets(ttft_s=min(budgets.values(), default=1.0), tpot_s=tpot), budgets
+
+def pace_for(task: Task, max_tokens: int) -> float:
+    """Seconds per output token a request of ``task`` may take and still meet its latency
+    SLA: what is left after its first token's budget, over the tokens after the first.
+    Label tasks (a word or two), one-token answers and tasks whose latency SLA leaves
+    nothing after the first token's budget have no pace to keep: inf."""
+    left = task.sla_latency_s - TTFT_SHARE * task.sla_ttft_s
+    if task.labels or max_tokens <= 1 or left <= 0:
+        return math.inf
+    return left / (max_tokens - 1)
 
 
 class Sizing:
     """Owns the windows' sizes. Not thread-safe: one event loop owns it.
 
+    ``running()`` lists the dispatched tickets (each with its upstream and ``pace_s``);
     ``on_grow()`` is called when a window grew (the dispatcher's kick)."""
 
     def __init__(
@@ -67,17 +72,22 @@ class Sizing:
         *,
         max_size: int,
         mode: WindowMode,
+        running: Callable[[], Iterable[Ticket]],
         clock: Callable[[], float],
         on_grow: Callable[[], None],
+        tuning: WindowTuning | None = None,
     ) -> None:
         self._windows: Mapping[str, Window] = {w.name: w for w in windows}
+        self._running = running
         self._clock = clock
         self._on_grow = on_grow
-        targets, self._budgets = targets_for(config)
+        self._budgets = ttft_budgets(config)
+        targets = WindowTargets(ttft_s=min(self._budgets.values()), tpot_s=math.inf)
         self.controllers: dict[str, WindowController] = {}
         if mode == "adaptive":
             self.controllers = {
-                name: WindowController(targets, max_size=max_size) for name in self._windows
+                name: WindowController(targets, max_size=max_size, tuning=tuning)
+                for name in self._windows
             }
         for name, window in self._windows.items():
             ctl = self.controllers.get(name)
@@ -86,9 +96,10 @@ class Sizing:
         self._decode: dict[str, tuple[float, float, float]] = {}
 
     def reconfigure(self, config: Config) -> None:
-        targets, self._budgets = targets_for(config)
+        self._budgets = ttft_budgets(config)
+        ttft = min(self._budgets.values())
         for ctl in self.controllers.values():
-            ctl.targets = targets
+            ctl.targets = WindowTargets(ttft_s=ttft, tpot_s=ctl.targets.tpot_s)
 
     def first_token(self, upstream: str, task: str, ttft_s: float) -> None:
         """A request of ``task`` got its first event ``ttft_s`` after it was dispatched."""
@@ -123,7 +134,14 @@ class Sizing:
     def tick(self) -> None:
         """Let every controller decide; wake the dispatcher if a window grew."""
         now, grew = self._clock(), False
+        paces: dict[str, float] = {}
+        for ticket in self._running():
+            if ticket.upstream is not None:
+                paces[ticket.upstream] = min(paces.get(ticket.upstream, math.inf), ticket.pace_s)
         for name, ctl in self.controllers.items():
+            pace = paces.get(name, math.inf)
+            if pace != ctl.targets.tpot_s:
+                ctl.targets = WindowTargets(ttft_s=ctl.targets.ttft_s, tpot_s=pace)
             window = self._windows[name]
             old = window.size
             window.size = ctl.tick(now, inflight=window.occupied)

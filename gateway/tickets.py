@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from enum import Enum
 
@@ -36,6 +37,7 @@ class Ticket:
     queue_deadline: float
     deadline: float
     need_s: float = 0.0
+    pace_s: float = math.inf  # seconds per output token its SLA needs (gateway.sizing)
     tenant: str = ""
     avoid: frozenset[str] = frozenset()
     preemptible: bool = False  # the request can be paused and resumed (see gateway.serving)

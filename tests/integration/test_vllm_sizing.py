@@ -25,7 +25,8 @@ GO = [{"role": "user", "content": "go"}]
 async def test_an_unreachable_decode_pace_shrinks_the_window(
     vllm: VllmServer, start_gateway: GatewayFactory
 ) -> None:
-    unreachable = {"sla_ttft_s": 30, "sla_latency_s": 30.001, "max_tokens": 200}
+    # 1 ms left after the first token's budget (half of 2 s): 5 us per token for 200 tokens
+    unreachable = {"sla_ttft_s": 2, "sla_latency_s": 1.001, "max_tokens": 200}
     config = table(tasks={"chat": unreachable})
     window = f'gateway_window_size{{upstream="{upstream_name(vllm.url)}"}}'
     async with (

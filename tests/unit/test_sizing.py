@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 
 import pytest
 
 from gateway.config import load_config
-from gateway.sizing import Sizing, targets_for
-from gateway.tickets import Window
+from gateway.sizing import Sizing, pace_for, ttft_budgets
+from gateway.tickets import Ticket, Window
 
 
 class Clock:
@@ -19,30 +20,44 @@ class Clock:
         return self.now
 
 
-def build(mode: str = "adaptive", max_size: int = 8) -> tuple[Sizing, Window, Clock, list[int]]:
-    window, clock, kicks = Window("a", 1), Clock(), []
+def build(
+    mode: str = "adaptive", max_size: int = 8
+) -> tuple[Sizing, Window, Clock, list[int], list[Ticket]]:
+    window, clock, kicks, running = Window("a", 1), Clock(), [], []
     sizing = Sizing(
         [window],
         load_config(None),
         max_size=max_size,
         mode=mode,  # type: ignore[arg-type]
+        running=lambda: running,
         clock=clock,
         on_grow=lambda: kicks.append(window.size),
     )
-    return sizing, window, clock, kicks
+    return sizing, window, clock, kicks, running
 
 
-def test_targets_come_from_the_tightest_tasks_of_the_shipped_table() -> None:
-    targets, budgets = targets_for(load_config(None))
+def running_ticket(task: str, max_tokens: int, upstream: str = "a") -> Ticket:
+    config = load_config(None)
+    t = config.tasks[task]
+    ticket = Ticket(t.name, config.classes[t.priority_class], 0.0, 60.0, 60.0)
+    ticket.upstream, ticket.pace_s = upstream, pace_for(t, max_tokens)
+    return ticket
+
+
+def test_budgets_and_paces_come_from_the_task_table() -> None:
+    config = load_config(None)
+    budgets = ttft_budgets(config)
     assert budgets["sentiment"] == 1.0  # half of its sla_ttft_s (2 s): the rest is queueing
     assert budgets["batch"] == 60.0
-    assert targets.ttft_s == 1.0
-    # chat: (30 s - 3 s) over its 255 tokens after the first; labels (10 tokens) do not count
-    assert targets.tpot_s == pytest.approx(27 / 255)
+    # chat: 30 s, less its first token's 1.5 s, over the tokens after the first
+    assert pace_for(config.tasks["chat"], 256) == pytest.approx(28.5 / 255)
+    assert pace_for(config.tasks["chat"], 64) == pytest.approx(28.5 / 63)  # short: slower is fine
+    assert pace_for(config.tasks["sentiment"], 10) == math.inf  # a label is its first token
+    assert pace_for(config.tasks["chat"], 1) == math.inf
 
 
 def test_a_fixed_window_stays_at_its_size_whatever_is_measured() -> None:
-    sizing, window, clock, kicks = build("fixed")
+    sizing, window, clock, kicks, _ = build("fixed")
     assert window.size == 8
     assert sizing.controllers == {}
     window.inflight = 8
@@ -55,7 +70,7 @@ def test_a_fixed_window_stays_at_its_size_whatever_is_measured() -> None:
 
 
 def test_an_adaptive_window_starts_small_and_grows_on_good_latency() -> None:
-    sizing, window, clock, kicks = build()
+    sizing, window, clock, kicks, _ = build()
     assert window.size == 4  # the controller's safe start, below the ceiling of 8
     for _ in range(30):
         window.inflight = window.size  # the queue keeps it full
@@ -69,7 +84,7 @@ def test_an_adaptive_window_starts_small_and_grows_on_good_latency() -> None:
 
 def test_each_first_token_is_judged_by_its_own_tasks_budget() -> None:
     """4 s to the first token is fine for a document (budget 5 s), not for a label (1 s)."""
-    sizing, window, clock, _ = build()
+    sizing, window, clock, *_ = build()
     window.inflight = 4
     for _ in range(10):
         sizing.first_token("a", "summarize", 4.0)
@@ -88,7 +103,8 @@ def test_each_first_token_is_judged_by_its_own_tasks_budget() -> None:
 def test_decode_speed_read_from_vllms_histogram_sizes_the_window(
     per_token_s: float, shrinks: bool
 ) -> None:
-    sizing, window, clock, _ = build()
+    sizing, window, clock, _, running = build()
+    running.append(running_ticket("chat", 256))  # a chat in the batch: 0.112 s per token
     window.inflight = 4
     seconds = tokens = 0.0
     readings = []
@@ -103,8 +119,27 @@ def test_decode_speed_read_from_vllms_histogram_sizes_the_window(
     assert pytest.approx(per_token_s) in readings  # the mean over every stream's tokens
 
 
+def test_slow_decoding_shrinks_nothing_when_nobody_in_flight_needs_the_pace() -> None:
+    """Batch answers have minutes: a window full of them may decode slowly. A short chat
+    (64 tokens) may too, at up to 0.45 s per token; a long one may not."""
+    for tickets, shrinks in [
+        ([running_ticket("batch", 512)], False),
+        ([running_ticket("batch", 512), running_ticket("chat", 64)], False),
+        ([running_ticket("batch", 512), running_ticket("chat", 256)], True),
+        ([running_ticket("chat", 256, upstream="elsewhere")], False),
+    ]:
+        sizing, window, clock, _, running = build()
+        running.extend(tickets)
+        window.inflight = 4
+        for i in range(12):
+            sizing.decoded("a", clock.now, 4 * 0.3 * 2 * i, 4 * 2 * i)  # 0.3 s per token
+            clock.now += 0.6
+            sizing.tick()
+        assert (window.size < 4) is shrinks, tickets
+
+
 def test_a_histogram_that_restarts_or_disappears_is_not_a_sample() -> None:
-    sizing, window, clock, _ = build()
+    sizing, window, clock, *_ = build()
     ctl = sizing.controllers["a"]
     window.inflight = 4
     sizing.decoded("a", clock.now, 100.0, 1000.0)
@@ -119,7 +154,7 @@ def test_a_histogram_that_restarts_or_disappears_is_not_a_sample() -> None:
 
 
 def test_work_in_flight_and_no_evidence_counts_as_saturated() -> None:
-    sizing, window, clock, _ = build()
+    sizing, window, clock, *_ = build()
     window.inflight = 4
     for _ in range(12):  # six seconds of silence with four requests running
         clock.now += 0.5
@@ -128,7 +163,7 @@ def test_work_in_flight_and_no_evidence_counts_as_saturated() -> None:
 
 
 def test_an_idle_upstream_holds_its_window() -> None:
-    sizing, window, clock, kicks = build()
+    sizing, window, clock, kicks, _ = build()
     for _ in range(120):
         clock.now += 0.5
         sizing.tick()
@@ -137,8 +172,9 @@ def test_an_idle_upstream_holds_its_window() -> None:
 
 
 def test_a_reload_retargets_the_controllers() -> None:
-    sizing, _, _, _ = build()
+    sizing, *_ = build()
     config = load_config(None)
     tasks = {**config.tasks, "sentiment": replace(config.tasks["sentiment"], sla_ttft_s=0.5)}
     sizing.reconfigure(replace(config, tasks=tasks))
     assert sizing.controllers["a"].targets.ttft_s == 0.25
+    assert sizing.controllers["a"].targets.tpot_s == math.inf  # nothing in flight
