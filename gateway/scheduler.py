@@ -170,6 +170,12 @@ class Scheduler:
         oldest = queue.oldest_arrival()
         if oldest is None or now - oldest <= policy.max_wait_s:
             return None
+        # A paused request waits again at its old place, but the class was served: only
+        # requests that never ran say it is behind (else every preemption of an old batch
+        # request would close the class's door). Scanned only past the cheap check.
+        oldest = min((t.arrival for t in queue if t.preemptions == 0), default=None)
+        if oldest is None or now - oldest <= policy.max_wait_s:
+            return None
         since = now - policy.max_wait_s
         above = self.classes.ordered[: policy.rank]
         if any(

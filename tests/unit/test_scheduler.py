@@ -482,6 +482,24 @@ def test_a_class_fallen_behind_more_important_work_admits_no_more() -> None:
     assert old_batch.state is State.QUEUED  # what was admitted stays, to be served by aging
 
 
+def test_a_paused_request_waiting_again_does_not_close_its_classs_door() -> None:
+    """The oldest batch request was served and paused (it waits again at its old place):
+    the class got service, so it is not behind; a new batch request is admitted. Without
+    this, every preemption of an old batch request refused the class at the door (seen in
+    the SLO benchmark: two batch requests refused at 1.5x that vLLM alone served in time)."""
+    s = scheduler(window=1)
+    _, old_batch = behind_realtime(s)
+    old_batch.preemptions = 1  # as after a pause and a requeue
+    late = BATCH.max_wait_s + 1.0
+    assert isinstance(s.admit(ticket(BATCH, late), late), Admitted)
+    fresh = ticket(BATCH, late)
+    assert isinstance(s.admit(fresh, late), Admitted)
+    later = late + BATCH.max_wait_s + 1.0  # a batch request that never ran is now behind
+    result = s.admit(ticket(BATCH, later), later)
+    assert isinstance(result, Rejected)
+    assert result.reason == "class_overloaded"
+
+
 def test_a_class_within_its_max_wait_is_admitted() -> None:
     s = scheduler(window=1)
     behind_realtime(s)
