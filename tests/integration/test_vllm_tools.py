@@ -209,6 +209,33 @@ async def test_langchain_bind_tools_and_streaming(
         assert total.tool_calls[0]["name"] == "get_weather"
 
 
+class Weather(BaseModel):
+    """The weather in a city."""
+
+    city: str = Field(max_length=20)
+    temp_c: int = Field(ge=-50, le=60)
+
+
+async def test_langchain_with_structured_output(
+    vllm: VllmServer, start_gateway: GatewayFactory, bias: dict[str, int]
+) -> None:
+    """LangChain's default structured output (a strict JSON schema as ``response_format``)
+    and its function-calling variant both come back as the pydantic object."""
+    async with start_gateway(vllm) as url:
+        llm = ChatOpenAI(
+            model="chat",
+            base_url=f"{url}/v1",
+            api_key="none",
+            max_tokens=100,
+            max_retries=0,
+            logit_bias=bias,  # type: ignore[arg-type]
+        )
+        for method in ("json_schema", "function_calling"):
+            structured = llm.with_structured_output(Weather, method=method, strict=True)
+            weather = await structured.ainvoke("What is the weather in Paris?")
+            assert isinstance(weather, Weather), (method, weather)
+
+
 async def test_openai_agents_sdk_calls_a_function_tool(
     vllm: VllmServer, start_gateway: GatewayFactory, bias: dict[str, int]
 ) -> None:
