@@ -13,6 +13,7 @@ Module layers, top to bottom; a module imports only from the rows below its own:
     lifecycle    the owner of a request's resources and its record
     dispatch     asyncio glue around the scheduler  resume     continue a paused generation
     sizing       each upstream's window size: fixed, or from its controller and measurements
+    history      the status page's last minutes: points sampled into a bounded ring
     status       /status data    scrape  vLLM's /metrics    shutdown  draining on SIGTERM
     scheduler    pure queueing, dispatch and preemption decisions   tickets  its vocabulary
     auth         API keys and tenant limits   steps   a step and its results   upstreams  health

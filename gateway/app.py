@@ -3,7 +3,8 @@
 Everything long-lived is built in the lifespan and reaches handlers as lifespan state; there
 are no globals. The completion endpoints are raw ASGI callables served by
 :class:`gateway.routes.Completions`, which owns each request from its first byte to its last;
-the small endpoints (models, health, readiness, metrics, status) are plain handlers here.
+the small endpoints (models, health, readiness, metrics, status, the playground) are plain
+handlers here.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from gateway.auth import load_keyring
 from gateway.config import Config, Task, load_config
 from gateway.errors import GatewayError, TaskNotFound
 from gateway.exchange import Exchange, record
+from gateway.history import History, Sampler
 from gateway.middleware import RequestIdMiddleware
 from gateway.routes import Completions, Surface
 from gateway.runtime import Runtime, build_runtime, close_runtime, start_background
@@ -40,22 +42,33 @@ log = logging.getLogger("gateway")
 
 
 def create_app(
-    settings: Settings, config: Config | None = None, *, drain: Drain | None = None
+    settings: Settings,
+    config: Config | None = None,
+    *,
+    drain: Drain | None = None,
+    history: History | None = None,
 ) -> Starlette:
     """The gateway as an ASGI app. Raises ConfigError at once if the task table or the keys
     are invalid.
 
     ``drain`` is the server's handle on graceful shutdown: whoever runs the app calls
     ``drain.begin()`` when it stops accepting connections (``python -m gateway`` does).
+    ``history`` is where the status page's time series is kept (default: a point every 2 s
+    for 10 minutes); tests pass a faster one.
     """
     config = config or load_config(settings.tasks_path)
     keys = load_keyring(settings.keys_path, settings.env_keys)
     drain = drain or Drain(settings.shutdown_grace_s)
+    history = History() if history is None else history  # an empty one is falsy
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
         runtime = build_runtime(settings, config, CollectorRegistry(auto_describe=True), keys)
-        background = start_background(runtime)
+        sampler = Sampler(runtime.status, runtime.metrics, history, runtime.dispatcher.now)
+        background = [
+            *start_background(runtime),
+            asyncio.create_task(sampler.run(), name="status-history"),
+        ]
         hup = _on_sighup(lambda: runtime.reload(settings.tasks_path))
         completions = Completions(
             runtime.tables,
@@ -68,7 +81,7 @@ def create_app(
             max_body_bytes=settings.max_body_bytes,
         )
         try:
-            yield {"runtime": runtime, "completions": completions}
+            yield {"runtime": runtime, "completions": completions, "history": history}
         finally:
             hup()
             drain.close()
@@ -83,8 +96,9 @@ def create_app(
         Route("/health", health, methods=["GET"]),
         Route("/ready", ready, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
-        Route("/status", partial(status_page, _static("status.html")), methods=["GET"]),
+        Route("/status", partial(static_page, _static("status.html")), methods=["GET"]),
         Route("/status.json", status_json, methods=["GET"]),
+        Route("/playground", partial(static_page, _static("playground.html")), methods=["GET"]),
     ]
     return Starlette(
         routes=routes,
@@ -115,6 +129,8 @@ def _model_entry(task: Task) -> dict[str, Any]:
         "priority_class": task.priority_class,
         "labels": list(task.labels) if task.labels else None,
         "tools": task.tools,
+        "sla_latency_s": task.sla_latency_s,
+        "sla_ttft_s": task.sla_ttft_s,
     }
 
 
@@ -125,6 +141,8 @@ async def models(request: Request) -> Response:
             "object": "list",
             "data": [_model_entry(task) for task in rt.config.tasks.values()],
             "upstream_models": rt.upstreams.models(),
+            # For the playground: whether to ask for a key (the completion routes need one).
+            "auth_required": rt.tables.keys.enabled,
         }
     )
 
@@ -166,13 +184,23 @@ async def metrics(request: Request) -> Response:
     return Response(generate_latest(rt.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 
-async def status_page(page: bytes, request: Request) -> Response:
+async def static_page(page: bytes, request: Request) -> Response:
     return HTMLResponse(page, headers={"Cache-Control": "no-cache"})
 
 
 async def status_json(request: Request) -> Response:
+    """The status snapshot with its history: all of it, or the points after ``?since=T``."""
     rt: Runtime = request.state.runtime
-    return JSONResponse(rt.status.snapshot(), headers={"Cache-Control": "no-store"})
+    history: History = request.state.history
+    raw = request.query_params.get("since")
+    try:
+        since = None if raw is None else float(raw)
+    except ValueError:
+        raise HTTPException(400, "since must be a number (a point's t)") from None
+    body = rt.status.snapshot()
+    body["history"] = history.report(rt.dispatcher.now(), since)
+    body["bounds"]["history"] = {"max_points": history.max_points, "kept": len(history)}
+    return JSONResponse(body, headers={"Cache-Control": "no-store"})
 
 
 def _record(rt: Runtime, exchange: Exchange) -> None:

@@ -58,8 +58,21 @@ class Recent:
 
     def window(self, task: str, now: float) -> list[Finished]:
         """The task's requests that finished within the horizon, oldest first."""
-        since = now - self.horizon_s
-        return [f for f in self._rings.get(task, ()) if f.at >= since]
+        return self.since(task, now - self.horizon_s)
+
+    def since(self, task: str, since: float) -> list[Finished]:
+        """The task's requests that finished at or after ``since``, oldest first.
+
+        Walks the ring from its newest end and stops at the first older request (the ring is
+        in finishing order), so a short look back costs what it returns, not the whole ring.
+        """
+        found: list[Finished] = []
+        for f in reversed(self._rings.get(task, ())):
+            if f.at < since:
+                break
+            found.append(f)
+        found.reverse()
+        return found
 
 
 def percentile(values: Sequence[float], q: float) -> float | None:

@@ -1,9 +1,10 @@
 """The status page's data: what the gateway is doing now and how each task did recently.
 
-``GET /status.json`` is :func:`snapshot` of the runtime; ``GET /status`` is a static page
-(``static/status.html``) that polls it. Queue depths, in-flight counts and upstream state are
-read live. Per-task percentiles come from :class:`~gateway.recent.Recent`. Prometheus
-remains the place for history and alerts.
+``GET /status.json`` is :func:`snapshot` of the runtime plus the last minutes of
+:meth:`Status.sample` points (:mod:`gateway.history`); ``GET /status`` is a static page
+(``static/status.html``) that polls it and draws both. Queue depths, in-flight counts and
+upstream state are read live. Per-task percentiles come from
+:class:`~gateway.recent.Recent`. Prometheus remains the place for long history and alerts.
 
 What the gateway keeps about past requests is bounded, and ``bounds`` in the snapshot counts
 it against its bound: the rings hold at most ``per_task`` requests per task name in the task
@@ -54,6 +55,27 @@ class Status:
     def snapshot(self) -> dict[str, Any]:
         """Everything ``/status.json`` shows, read now."""
         return _snapshot(self, self._clock())
+
+    def sample(self, now: float, trailing_s: float) -> dict[str, Any]:
+        """The gauges of one point of the status history (:mod:`gateway.history`): queue depth
+        per class, in flight and window per upstream, and each task's p95 latency and TTFT
+        over the requests that finished in the last ``trailing_s`` (None: none did)."""
+        scheduler, latency, ttft = self._scheduler, {}, {}
+        for name in self._config().tasks:
+            done = self._recent.since(name, now - trailing_s)
+            served = [f for f in done if f.outcome in SERVED_OUTCOMES]
+            latency[name] = _round(percentile(sorted(f.duration_s for f in served), 0.95))
+            ttfts = sorted(f.ttft_s for f in served if f.ttft_s is not None)
+            ttft[name] = _round(percentile(ttfts, 0.95))
+        return {
+            "queue": {p.name: scheduler.depth(p.name) for p in scheduler.classes.ordered},
+            "upstreams": {
+                name: {"inflight": w.inflight, "window": w.size}
+                for name, w in scheduler.windows.items()
+            },
+            "latency_p95_s": latency,
+            "ttft_p95_s": ttft,
+        }
 
 
 def _snapshot(st: Status, now: float) -> dict[str, Any]:

@@ -14,19 +14,32 @@ from pathlib import Path
 
 import httpx
 import uvicorn
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gateway.app import create_app
 from gateway.config import Config
+from gateway.history import History
 from gateway.settings import Settings
 from tests.vllm_server import ROOT
 
 
 @asynccontextmanager
 async def running_gateway(
-    settings: Settings, config: Config | None = None, *, wait_ready: bool = True
+    settings: Settings,
+    config: Config | None = None,
+    *,
+    wait_ready: bool = True,
+    history: History | None = None,
+    prefix: str = "",
 ) -> AsyncIterator[str]:
-    """Serve the gateway on 127.0.0.1 (a free port); yield its base URL; stop it after."""
-    app = create_app(settings, config)
+    """Serve the gateway on 127.0.0.1 (a free port); yield its base URL; stop it after.
+
+    ``prefix`` serves it under a path, as a reverse proxy that strips the prefix does (the
+    URL yielded includes it); ``history`` is passed to :func:`create_app`.
+    """
+    app: ASGIApp = create_app(settings, config, history=history)
+    if prefix:
+        app = _under_prefix(prefix, app)
     server = uvicorn.Server(
         uvicorn.Config(
             app,
@@ -50,7 +63,7 @@ async def running_gateway(
             task.result()  # surface a startup failure
         await asyncio.sleep(0.01)
     port = server.servers[0].sockets[0].getsockname()[1]
-    url = f"http://127.0.0.1:{port}"
+    url = f"http://127.0.0.1:{port}{prefix}"
     try:
         if wait_ready:
             await wait_until_ready(url)
@@ -58,6 +71,23 @@ async def running_gateway(
     finally:
         server.should_exit = True
         await asyncio.wait_for(task, 10)
+
+
+def _under_prefix(prefix: str, app: ASGIApp) -> ASGIApp:
+    """``app`` served under ``prefix``: a proxy's 404 for other paths, the prefix stripped."""
+
+    async def under(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            path: str = scope["path"]
+            if not path.startswith(prefix + "/"):
+                await send({"type": "http.response.start", "status": 404, "headers": []})
+                await send({"type": "http.response.body", "body": b"not under " + prefix.encode()})
+                return
+            raw = scope.get("raw_path") or path.encode()
+            scope = {**scope, "path": path[len(prefix) :], "raw_path": raw[len(prefix) :]}
+        await app(scope, receive, send)
+
+    return under
 
 
 @asynccontextmanager
