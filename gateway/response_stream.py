@@ -82,6 +82,7 @@ class StreamTranslator:
             if not self._started:
                 if "sentiment" in chunk:
                     self._extra["sentiment"] = chunk["sentiment"]
+                self._shape.served_by(chunk)
                 out.append(self._start())
             if "error" in chunk and "choices" not in chunk:
                 error = chunk["error"]

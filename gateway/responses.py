@@ -74,7 +74,7 @@ class ResponseShape:
 
     chat_body: dict[str, Any]
     echo: dict[str, Any]
-    model: str = ""  # the task that served it; set once the task is known
+    model: str = ""  # the task, until the answer names the model that served it
     id: str = field(default_factory=lambda: new_id("resp"))
     created_at: int = field(default_factory=lambda: int(time.time()))
 
@@ -141,6 +141,7 @@ class ResponseShape:
 
     def response(self, answer: Mapping[str, Any]) -> dict[str, Any]:
         """The Response object for a whole chat answer."""
+        self.served_by(answer)
         choice = (answer.get("choices") or [{}])[0]
         message = choice.get("message") or {}
         status, details = status_of(choice.get("finish_reason"))
@@ -164,6 +165,13 @@ class ResponseShape:
         return self.snapshot(
             status, output, usage=usage_of(answer.get("usage")), details=details, extra=answer
         )
+
+    def served_by(self, answer: Mapping[str, Any]) -> None:
+        """Name the model that answered, as chat completions do (vLLM's served model id,
+        as OpenAI names a dated model for an alias); the task's name until one is known."""
+        model = answer.get("model")
+        if isinstance(model, str) and model:
+            self.model = model
 
     def snapshot(
         self,

@@ -365,7 +365,7 @@ def test_a_text_answer_is_a_completed_response_with_one_message() -> None:
     assert response.id.startswith("resp_")
     assert response.object == "response"
     assert response.status == "completed"
-    assert response.model == "chat"  # the task, not vLLM's model id
+    assert response.model == "tiny-qwen2"  # the served model, as on chat completions
     assert response.output_text == "Hello there"
     (item,) = response.output
     assert item.type == "message"
@@ -457,7 +457,7 @@ async def test_the_sdk_gets_a_response_from_the_chat_path(sdk: AsyncOpenAI, fake
     response = raw.parse()
     assert response.output_text == "Hello there friend"
     assert response.status == "completed"
-    assert response.model == "chat"
+    assert response.model == fake.model  # what chat completions say, too
     assert response.usage is not None
     assert response.usage.output_tokens == 3
     # The same chat request the chat endpoint would send: the task's prompt first and
@@ -602,7 +602,7 @@ async def test_label_and_two_step_tasks_answer_through_responses(
     raw = await sdk.responses.with_raw_response.create(model="assist", input="I love it")
     reply = raw.parse()
     assert raw.headers["x-sentiment"] == "positive"
-    assert reply.model == "assist"
+    assert reply.model == fake.model
     assert reply.output_text == "Hello there friend"
     assert reply.model_extra is not None
     assert reply.model_extra["sentiment"] == "positive"
@@ -631,7 +631,7 @@ max_class = "standard"
         body = {"model": "gpt-4o", "input": "Hi"}
         r = await c.post("/v1/responses", json=body, headers={**auth, "X-Task": "chat"})
         assert r.status_code == 200, r.text
-        assert r.json()["model"] == "chat"
+        assert r.json()["model"] == fake.model  # not the alias it was asked for
         assert r.headers["x-priority-class"] == "standard"  # chat is interactive; the key caps it
         assert fake.seen[-1].body["priority"] == -20
         r = await c.post(
