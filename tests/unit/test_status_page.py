@@ -9,27 +9,23 @@ observability tier needs it (./launch/test.sh installs it).
 from __future__ import annotations
 
 import asyncio
-import shutil
 from html.parser import HTMLParser
 from pathlib import Path
 
 import httpx
 
+from gateway.history import History
+from gateway.settings import Settings
 from gateway.upstreams import upstream_name
+from tests.browser import browser, chromium
 from tests.fake_vllm import FakeVllm
+from tests.servers import running_gateway
 from tests.unit.conftest import GatewayFactory
+from tests.unit.test_status import small_batch_queue
 
 ROOT = Path(__file__).resolve().parents[2]
 OUTPUT = ROOT / "test-output"
 USER = [{"role": "user", "content": "I love this phone"}]
-
-
-def chromium() -> str:
-    path = shutil.which("chromium") or "/usr/bin/chromium"
-    assert Path(path).exists(), (
-        "Chromium is missing: apt-get install -y chromium (./launch/test.sh does this)"
-    )
-    return path
 
 
 async def run_chromium(user_data: Path, *args: str) -> str:
@@ -164,3 +160,76 @@ async def test_chromium_renders_the_live_status(
 
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     print(f"status page screenshot: {shot}")
+
+
+async def test_chromium_draws_the_last_minutes_after_a_burst(
+    fake: FakeVllm, tmp_path: Path
+) -> None:
+    """A burst through a one-slot upstream (batch queues and overflows, realtime cuts in),
+    then /status in Chromium: its charts show the queue, the refusals, the window and each
+    task's p95 against its SLA."""
+    fake.behaviour.reply = "one two three four five six"
+    fake.behaviour.chunk_delay_s = 0.1
+    settings = Settings(
+        upstreams=(fake.url,),
+        window=1,
+        window_mode="fixed",
+        health_interval_s=0.1,
+        access_log=False,
+    )
+    history = History(interval_s=0.2, span_s=30.0, trailing_s=10.0)
+    async with (
+        running_gateway(settings, small_batch_queue(), history=history) as url,
+        httpx.AsyncClient(base_url=url, timeout=30) as c,
+    ):
+
+        async def ask(task: str, stream: bool = False) -> int:
+            body = {"model": task, "messages": USER, "stream": stream}
+            return (await c.post("/v1/chat/completions", json=body)).status_code
+
+        batch = [asyncio.create_task(ask("batch")) for _ in range(6)]
+        async with asyncio.timeout(10):  # one runs, two wait (the class's bound), three refused
+            while history.since(None)[-1:] == [] or history.since(None)[-1]["queue"]["batch"] < 2:
+                await asyncio.sleep(0.02)
+        urgent = [ask("sentiment") for _ in range(4)] + [ask("chat", stream=True) for _ in range(2)]
+        statuses = await asyncio.gather(*batch, *urgent)
+        assert sorted(statuses[:6]) == [200, 200, 200, 429, 429, 429]
+        assert statuses[6:] == [200] * 6
+        ended = asyncio.get_running_loop().time()
+        async with asyncio.timeout(10):  # a point taken after the burst, so its rates are in
+            while not history.since(ended):
+                await asyncio.sleep(0.02)
+
+        async with browser(tmp_path / "profile") as page:
+            await page.goto(f"{url}/status")
+            await page.wait_for("document.querySelector('svg[data-chart=\"task:sentiment\"] path')")
+            charts = await page.evaluate(
+                """Object.fromEntries([...document.querySelectorAll("svg[data-chart]")].map(svg =>
+                    [svg.dataset.chart, {
+                      series: Object.fromEntries([...svg.querySelectorAll("path[data-series]")]
+                        .map(p => [p.dataset.series, [Number(p.dataset.points), Number(p.dataset.max)]])),
+                      refs: [...svg.querySelectorAll("line[data-ref]")].map(l => l.dataset.ref),
+                      empty: svg.querySelector("text.empty")?.textContent || null,
+                    }]))"""
+            )
+            OUTPUT.mkdir(exist_ok=True)
+            shot = OUTPUT / "status-charts.png"
+            await page.screenshot(shot)
+            assert page.errors == []
+
+    name = upstream_name(fake.url)
+    queue = charts["queue"]["series"]
+    assert set(queue) == {"realtime", "interactive", "standard", "batch", "background"}
+    assert queue["batch"][1] >= 2  # its bound, reached (plus a batch request paused for realtime)
+    refusals = charts["refusals"]["series"]
+    assert refusals["class_queue_full"][1] > 0  # per minute
+    upstream = charts[f"upstream:{name}"]["series"]
+    assert upstream["in flight"][1] == 1
+    assert upstream["window"][1] == 1
+    sentiment = charts["task:sentiment"]
+    assert sentiment["series"]["p95 latency"][0] > 0
+    assert sentiment["refs"] == ["SLA", "TTFT SLA"]
+    assert charts["task:chat"]["series"]["p95 TTFT"][0] > 0
+    assert charts["task:code"]["empty"] == "no answers in this span"
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    print(f"status charts screenshot: {shot}")
