@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 from prometheus_client import CollectorRegistry
 
 from gateway.auth import KeyRing
@@ -167,13 +168,23 @@ async def test_status_json_after_traffic(start_gateway: GatewayFactory, fake: Fa
         await asyncio.gather(*pending, return_exceptions=True)
 
 
-async def test_status_page_is_self_contained_html(client: httpx.AsyncClient) -> None:
-    r = await client.get("/status")
+@pytest.mark.parametrize(
+    ("path", "fetches"), [("/status", "status.json"), ("/playground", "v1/models")]
+)
+async def test_pages_are_self_contained_html(
+    client: httpx.AsyncClient, path: str, fetches: str
+) -> None:
+    r = await client.get(path)
     assert r.status_code == 200
     assert r.headers["content-type"].startswith("text/html")
     page = r.text
     assert "<table" in page
-    assert "status.json" in page
+    assert f'"{fetches}' in page  # relative, so the page works behind a path prefix
+    # The SVG namespace is a name, not a fetch; the icon is an empty data: URL, so that the
+    # browser asks for no /favicon.ico (outside a path prefix).
+    page = page.replace('"http://www.w3.org/2000/svg"', "").replace(
+        '<link rel="icon" href="data:,">', ""
+    )
     # Nothing is fetched from elsewhere: no absolute or protocol-relative URLs at all.
     assert not re.search(r"https?://", page)
     assert not re.search(r"""(src|href)\s*=\s*["']?\s*//""", page)
@@ -181,6 +192,7 @@ async def test_status_page_is_self_contained_html(client: httpx.AsyncClient) -> 
     assert not re.search(r"<script[^>]*\bsrc\b", page)
     assert "@import" not in page
     assert "url(" not in page
+    assert not re.search(r"""fetch\(\s*["'`]/""", page)  # no absolute paths either
 
 
 async def test_capacity_and_window_gauges(client: httpx.AsyncClient, fake: FakeVllm) -> None:
