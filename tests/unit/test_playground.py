@@ -48,6 +48,7 @@ async def answer(page: Page, card: str) -> dict[str, Any]:
               status: f("status").textContent, error: f("error")?.textContent || null,
               errorCode: c.dataset.errorCode || null, retryAfter: f("error")?.dataset.retryAfter || null,
               labelAt: Number(c.dataset.labelAt), firstTokenAt: Number(c.dataset.firstTokenAt),
+              flags: [...c.querySelectorAll("[data-flag]")].map(s => s.textContent),
               timings: Object.fromEntries([...c.querySelectorAll("[data-timing]")]
                 .map(s => [s.dataset.timing, [s.textContent, s.className]])),
             }}; }})()"""
@@ -80,6 +81,12 @@ async def test_playground_labels_streams_bursts_and_errors(fake: FakeVllm, tmp_p
         assert label["timings"]["total"][0].endswith("/ SLA 2.00 s ✓")
         assert label["timings"]["total"][1] == "ok"
         assert "queue" in label["timings"]
+
+        long = await answer(page, await ask(page, "sentiment", "I love this phone. " * 80))
+        assert (long["status"], long["label"]) == ("200", "positive")
+        [flag] = long["flags"]  # 1,520 characters, one token each at the fake: over 1,024
+        assert flag.startswith("input truncated: tokens=1520->"), flag
+        assert label["flags"] == []
 
         # assist: every change of its card is recorded, to see the label come before the reply
         # and the reply arrive a piece at a time.
