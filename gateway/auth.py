@@ -14,6 +14,7 @@ A keys file (``--keys PATH``) looks like this; every field but ``keys`` is optio
     requests_per_s = 5                       # default: unlimited (burst: one second's worth)
     tokens_per_s = 500                       # prompt + completion tokens; default: unlimited
     max_concurrent = 4                       # queued + in flight; default: unlimited
+    weight = 2                               # its shares of each class; default: 1
 
 ``GATEWAY_API_KEYS="acme:sk-one,beta:sk-two"`` adds plain keys from the environment (hashed
 at start); a tenant named there but not in the file gets no limits.
@@ -48,6 +49,7 @@ class TenantPolicy:
     requests_per_s: float | None = None
     tokens_per_s: float | None = None
     max_concurrent: int | None = None
+    weight: float = 1.0  # its shares of a class against other tenants (gateway.fairness)
 
 
 @dataclass(slots=True)
@@ -151,6 +153,10 @@ class KeyRing:
     def enabled(self) -> bool:
         return bool(self._digests)
 
+    def weights(self) -> dict[str, float]:
+        """Each tenant's shares of a class (gateway.fairness)."""
+        return {name: t.policy.weight for name, t in self.tenants.items()}
+
     def identify(self, authorization: str | None) -> Tenant:
         """The tenant whose key is in ``Authorization: Bearer <key>``; Unauthorized otherwise."""
         if not self.enabled:
@@ -203,6 +209,7 @@ def _tenant(name: str, body: Any) -> tuple[TenantPolicy, list[str]]:
         "requests_per_s",
         "tokens_per_s",
         "max_concurrent",
+        "weight",
     }
     if unknown:
         raise ConfigError(f"unknown key {where}.{sorted(unknown)[0]}")
@@ -224,10 +231,12 @@ def _tenant(name: str, body: Any) -> tuple[TenantPolicy, list[str]]:
     if max_class not in CLASS_NAMES:
         raise ConfigError(f"{where}.max_class must be one of {', '.join(CLASS_NAMES)}")
     limits: dict[str, float | None] = {}
-    for field_name in ("requests_per_s", "tokens_per_s", "max_concurrent"):
+    for field_name in ("requests_per_s", "tokens_per_s", "max_concurrent", "weight"):
         value = body.get(field_name)
         if value is not None and (
-            isinstance(value, bool) or not isinstance(value, int | float) or value <= 0
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or not 0 < value < math.inf  # nan and inf too: a weight divides service
         ):
             raise ConfigError(f"{where}.{field_name} must be a positive number")
         limits[field_name] = value
@@ -240,6 +249,7 @@ def _tenant(name: str, body: Any) -> tuple[TenantPolicy, list[str]]:
             requests_per_s=limits["requests_per_s"],
             tokens_per_s=limits["tokens_per_s"],
             max_concurrent=int(concurrent) if concurrent is not None else None,
+            weight=float(limits["weight"] or 1.0),
         ),
         keys,
     )

@@ -11,12 +11,13 @@ from __future__ import annotations
 import math
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any, TypeVar
 
 from gateway.classes import CLASS_NAMES, DEFAULT_POLICIES, ClassPolicy, ClassTable
+from gateway.fairness import MODES, FairnessPolicy
 
 T = TypeVar("T")
 
@@ -76,6 +77,7 @@ class Config:
     classes: ClassTable
     max_queued: int
     tasks: Mapping[str, Task]
+    fairness: FairnessPolicy = field(default_factory=FairnessPolicy)
 
     def task_names(self) -> tuple[str, ...]:
         return tuple(self.tasks)
@@ -99,7 +101,7 @@ def load_config(path: Path | None = None) -> Config:
 
 
 def parse_config(raw: Mapping[str, Any]) -> Config:
-    _no_unknown_keys(raw, {"classes", "queue", "tasks"}, "")
+    _no_unknown_keys(raw, {"classes", "queue", "tasks", "fairness"}, "")
     classes = _parse_classes(_table(raw, "classes", ""))
     queue = _table(raw, "queue", "")
     _no_unknown_keys(queue, {"max_queued"}, "queue")
@@ -109,7 +111,26 @@ def parse_config(raw: Mapping[str, Any]) -> Config:
         raise ConfigError("the task table defines no tasks")
     tasks = {name: _parse_task(name, body, classes) for name, body in tasks_raw.items()}
     _check_pipelines(tasks)
-    return Config(classes=classes, max_queued=max_queued, tasks=tasks)
+    fairness = _fairness(_table(raw, "fairness", ""))
+    return Config(classes=classes, max_queued=max_queued, tasks=tasks, fairness=fairness)
+
+
+def _fairness(raw: Mapping[str, Any]) -> FairnessPolicy:
+    """``[fairness]``: how tenants of one class share the model (see gateway.fairness)."""
+    _no_unknown_keys(raw, {"mode", "input_weight", "output_weight"}, "fairness")
+    default = FairnessPolicy()
+    mode = _get(raw, "mode", str, default.mode, "fairness")
+    if mode not in MODES:
+        raise ConfigError(f"fairness.mode must be one of {', '.join(MODES)}, got {mode!r}")
+    weights = {
+        key: _non_negative(
+            _get(raw, key, float, getattr(default, key), "fairness"), f"fairness.{key}"
+        )
+        for key in ("input_weight", "output_weight")
+    }
+    if not any(weights.values()):
+        raise ConfigError("fairness: input_weight and output_weight cannot both be 0")
+    return FairnessPolicy(mode, weights["input_weight"], weights["output_weight"])
 
 
 def _parse_classes(raw: Mapping[str, Any]) -> ClassTable:

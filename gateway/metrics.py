@@ -9,9 +9,11 @@ alerts see zeros instead of gaps.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
 
 #: Latency buckets for LLM work: milliseconds (a label) to minutes (a long batch generation).
 LATENCY_BUCKETS = (
@@ -49,6 +51,9 @@ RELOAD_RESULTS = ("ok", "refused")
 #: ``(task, outcome, now, duration_s, ttft_s, error_code)``; the status page's recent window
 #: (:class:`gateway.status.Recent`) listens here. It runs on the hot path: keep it O(1).
 RequestHook = Callable[[str, str, float, float, float | None, str | None], None]
+
+#: ``(tenant, priority_class, weighted tokens served since start)`` for every tenant served.
+ServiceReader = Callable[[], Iterable[tuple[str, str, float]]]
 
 
 class Metrics:
@@ -153,6 +158,12 @@ class Metrics:
             "The upstream's KV cache usage, 0 to 1 (vLLM's kv_cache_usage_perc).",
             ["upstream"], registry=registry,
         )  # fmt: skip
+        self.fairness_index = Gauge(
+            "gateway_fairness_index",
+            "Jain's index of the weighted token service of a class's tenants that had work "
+            "waiting in the last 60 s: 1 equal shares (by weight), 1/n one tenant got all.",
+            ["priority_class"], registry=registry,
+        )  # fmt: skip
         self.reloads = Counter(
             "gateway_task_table_reloads_total", "Task table reloads, by result.",
             ["result"], registry=registry,
@@ -214,6 +225,32 @@ class Metrics:
     def watch_window(self, upstream: str, size: Callable[[], float]) -> None:
         self.window_size.labels(upstream).set_function(size)
 
+    def watch_fairness(self, class_name: str, index: Callable[[], float]) -> None:
+        """Compute the class's fairness index at scrape time, not on the hot path."""
+        self.fairness_index.labels(class_name).set_function(index)
+
+    def watch_service(self, read: ServiceReader) -> None:
+        """Export ``gateway_tenant_service_tokens_total{tenant,priority_class}`` from the
+        scheduler's own counts at scrape time: charging a tenant costs no metric update.
+        Tenants come from the keys file, so the series are bounded."""
+        self.registry.register(_ServiceCollector(read))
+
     def watch_breaker(self, upstream: str, state: Callable[[], float]) -> None:
         """Read the breaker at scrape time: open turns half-open by the clock, not by an event."""
         self.breaker_state.labels(upstream).set_function(state)
+
+
+class _ServiceCollector(Collector):
+    def __init__(self, read: ServiceReader) -> None:
+        self._read = read
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        family = CounterMetricFamily(
+            "gateway_tenant_service_tokens",
+            "Service a tenant received in a class, in weighted tokens: prompt tokens x "
+            "input_weight + generated tokens x output_weight (the [fairness] section).",
+            labels=["tenant", "priority_class"],
+        )
+        for tenant, pclass, tokens in self._read():
+            family.add_metric([tenant, pclass], tokens)
+        yield family

@@ -6,9 +6,12 @@ Pure data structures with no clock of their own; :mod:`gateway.scheduler` decide
 from __future__ import annotations
 
 import bisect
+import itertools
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Generic, Protocol, TypeVar
+
+from gateway.fairness import Ledger
 
 
 class Queued(Protocol):
@@ -31,17 +34,24 @@ T = TypeVar("T", bound=Queued)
 
 
 class ClassQueue(Generic[T]):
-    """The waiting tickets of one class: FIFO per tenant, round robin across tenants.
+    """The waiting tickets of one class: FIFO per tenant, fair shares across tenants.
 
-    One tenant's flood cannot starve another tenant of the same class: each dispatch from
-    this class takes the head of the next tenant in turn. With a single tenant (no API keys)
-    it is plain arrival order. Each tenant's list is kept in key order.
+    The class's next ticket is the oldest of the waiting tenant with the least virtual
+    counter (service received over weight, see :mod:`gateway.fairness`), so one tenant's
+    flood, or one tenant's long generations, cannot take the class's share from another.
+    With a single tenant (no API keys) it is plain arrival order. Each tenant's list is kept
+    in key order. The class competes with the other classes by its oldest ticket
+    (:meth:`front`): fairness decides only which tenant's ticket takes a slot the class won.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, ledger: Ledger | None = None) -> None:
         self._by_tenant: dict[str, list[tuple[float, int, T]]] = {}
-        self._turns: deque[str] = deque()  # tenants with waiting work, next one first
+        # Among tenants with equal counters, turns go round: a tenant goes to the back of
+        # the line when it is served or starts waiting (in requests mode, the round robin).
+        self._turns: dict[str, int] = {}
+        self._turn = itertools.count()
         self._len = 0
+        self.ledger = ledger or Ledger()
 
     def __len__(self) -> int:
         return self._len
@@ -49,34 +59,63 @@ class ClassQueue(Generic[T]):
     def __iter__(self) -> Iterator[T]:
         return (item[2] for items in self._by_tenant.values() for item in items)
 
-    def push(self, ticket: T) -> None:
+    def tenants(self) -> Iterable[str]:
+        """The tenants with tickets waiting."""
+        return self._by_tenant.keys()
+
+    def push(self, ticket: T, *, returning: bool = False) -> None:
+        """Queue a ticket. ``returning``: it was running a moment ago (paused, failing over),
+        so its tenant's counter is not lifted as a newly active tenant's would be."""
         items = self._by_tenant.setdefault(ticket.tenant, [])
         if not items:
-            self._turns.append(ticket.tenant)
+            self._turns[ticket.tenant] = next(self._turn)
         bisect.insort(items, (ticket.key, ticket.seq, ticket), key=lambda i: i[:2])
         self._len += 1
+        self.ledger.join(ticket.tenant, returning=returning)
 
     def head(self) -> T | None:
-        return self._by_tenant[self._turns[0]][0][2] if self._turns else None
+        """The ticket that gets the class's next slot."""
+        if len(self._by_tenant) <= 1:
+            return next((items[0][2] for items in self._by_tenant.values()), None)
+        counter, turns = self.ledger.counter, self._turns
+        tenant = min(self._by_tenant, key=lambda t: (counter(t), turns[t]))
+        return self._by_tenant[tenant][0][2]
+
+    def front(self) -> T | None:
+        """The class's oldest ticket by key: its place in the order between classes."""
+        heads = (items[0] for items in self._by_tenant.values())
+        first = min(heads, key=lambda i: i[:2], default=None)
+        return None if first is None else first[2]
 
     def oldest_arrival(self) -> float | None:
         """When the longest-waiting ticket arrived (each tenant's list is in arrival order)."""
         return min((items[0][2].arrival for items in self._by_tenant.values()), default=None)
 
     def newest(self) -> T | None:
-        """The newest ticket of the tenant with the most waiting: what to shed first."""
-        if not self._turns:
+        """What to shed first: the newest ticket of the tenant furthest above its share (the
+        highest counter; among equals, the one with the most waiting)."""
+        if not self._by_tenant:
             return None
-        heaviest = max(self._turns, key=lambda tenant: len(self._by_tenant[tenant]))
+        counter = self.ledger.counter
+        heaviest = max(self._by_tenant, key=lambda t: (counter(t), len(self._by_tenant[t])))
         return self._by_tenant[heaviest][-1][2]
 
     def take(self, ticket: T) -> None:
-        """Remove the head being dispatched; its tenant's next ticket waits for a new turn."""
-        self.remove(ticket)
-        if self._turns and self._turns[0] == ticket.tenant:
-            self._turns.rotate(-1)
+        """Remove the head being dispatched; its tenant stays active while it runs."""
+        self._unlink(ticket)
+        if ticket.tenant in self._turns:
+            self._turns[ticket.tenant] = next(self._turn)
 
     def remove(self, ticket: T) -> None:
+        """Remove a ticket that leaves for good (shed, expired, withdrawn)."""
+        self._unlink(ticket)
+        self.ledger.leave(ticket.tenant)
+
+    def done(self, ticket: T) -> None:
+        """A dispatched ticket of this class finished (or was paused, and comes back)."""
+        self.ledger.leave(ticket.tenant)
+
+    def _unlink(self, ticket: T) -> None:
         items = self._by_tenant[ticket.tenant]
         index = bisect.bisect_left(items, (ticket.key, ticket.seq), key=lambda i: i[:2])
         assert items[index][2] is ticket, "ticket not in its class queue"
@@ -84,7 +123,7 @@ class ClassQueue(Generic[T]):
         self._len -= 1
         if not items:
             del self._by_tenant[ticket.tenant]
-            self._turns.remove(ticket.tenant)
+            del self._turns[ticket.tenant]
 
     def count_before(self, key: float) -> int:
         """How many queued tickets would go before a new ticket with this key."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -75,7 +75,9 @@ class Runtime:
             self.metrics.reloads.labels("refused").inc()
             return False
         self.tables.config, self.tables.keys = config, keys
-        self.scheduler.reconfigure(config.classes, config.max_queued)
+        self.scheduler.reconfigure(
+            config.classes, config.max_queued, config.fairness, keys.weights()
+        )
         self.sizing.reconfigure(config)
         self.metrics.preinitialise(
             ((t.name, t.priority_class) for t in config.tasks.values()),
@@ -103,7 +105,9 @@ def build_runtime(
         names,
     )
     windows = [Window(name, settings.window, usable=False) for name in names]
-    scheduler = Scheduler(config.classes, config.max_queued, windows)
+    scheduler = Scheduler(
+        config.classes, config.max_queued, windows, config.fairness, keys.weights()
+    )
     dispatcher = Dispatcher(scheduler, metrics)
     sizing = Sizing(
         windows,
@@ -159,7 +163,9 @@ def build_runtime(
         metrics.rejections,
         dispatcher.now,
     )
+    metrics.watch_service(partial(_service, scheduler))
     for pclass in config.classes.names():
+        metrics.watch_fairness(pclass, partial(_fairness_index, scheduler, dispatcher.now, pclass))
         metrics.watch_queue(pclass, partial(scheduler.depth, pclass))
         metrics.watch_capacity(pclass, partial(_class_capacity, scheduler, pclass))
     for window in windows:
@@ -184,6 +190,16 @@ def build_runtime(
 
 def _class_capacity(scheduler: Scheduler, pclass: str) -> int:
     return scheduler.classes[pclass].max_queued  # read live: a reload may change it
+
+
+def _fairness_index(scheduler: Scheduler, clock: Callable[[], float], pclass: str) -> float:
+    return scheduler.ledgers()[pclass].fairness_index(clock())
+
+
+def _service(scheduler: Scheduler) -> Iterator[tuple[str, str, float]]:
+    for pclass, ledger in scheduler.ledgers().items():
+        for tenant, tokens in ledger.served.items():
+            yield tenant, pclass, tokens
 
 
 def start_background(runtime: Runtime) -> list[asyncio.Task[None]]:

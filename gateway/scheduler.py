@@ -14,6 +14,11 @@ and overall; when the overall bound is hit, a more important arrival evicts (she
 newest request of the least important class below it. A request whose queue deadline
 passes, or whose remaining budget falls below what it needs, expires without ever being
 sent upstream.
+
+Within a class, tenants share by tokens (:mod:`gateway.fairness`): the class competes with
+the others by its oldest ticket, exactly as if it were one queue, and the slot it wins goes
+to its tenant with the least service over weight. Service is charged here at dispatch (the
+prompt) and by :meth:`Scheduler.charge` while the answer streams.
 """
 
 from __future__ import annotations
@@ -21,9 +26,10 @@ from __future__ import annotations
 import heapq
 import itertools
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 
 from gateway.classes import ClassPolicy, ClassTable, effective_priority
+from gateway.fairness import FairnessPolicy, Ledger
 from gateway.queues import ClassQueue, CompletionRate
 from gateway.tickets import (
     Admitted,
@@ -40,12 +46,23 @@ from gateway.tickets import (
 class Scheduler:
     """The gateway's queue and dispatch windows. Not thread-safe: one event loop owns it."""
 
-    def __init__(self, classes: ClassTable, max_queued: int, windows: Iterable[Window]) -> None:
+    def __init__(
+        self,
+        classes: ClassTable,
+        max_queued: int,
+        windows: Iterable[Window],
+        fairness: FairnessPolicy | None = None,
+        weights: Mapping[str, float] | None = None,
+    ) -> None:
+        """``fairness``: how tenants of a class share (default: by tokens); ``weights``:
+        each tenant's shares (from the keys file; 1 when not named)."""
         self.classes = classes
         self.max_queued = max_queued
         self.windows: dict[str, Window] = {w.name: w for w in windows}
         if not self.windows:
             raise ValueError("a scheduler needs at least one upstream window")
+        self.fairness = fairness or FairnessPolicy()
+        self.weights: Mapping[str, float] = weights or {}
         self._queues: dict[str, ClassQueue[Ticket]] = {
             p.name: ClassQueue() for p in classes.ordered
         }
@@ -64,9 +81,20 @@ class Scheduler:
 
     # -- configuration ---------------------------------------------------------------
 
-    def reconfigure(self, classes: ClassTable, max_queued: int) -> None:
-        """Take new class policies. Queued tickets keep the policy they were admitted with."""
+    def reconfigure(
+        self,
+        classes: ClassTable,
+        max_queued: int,
+        fairness: FairnessPolicy | None = None,
+        weights: Mapping[str, float] | None = None,
+    ) -> None:
+        """Take new class policies. Queued tickets keep the policy they were admitted with;
+        tenants keep their counters (a new mode or weight applies to service from now on)."""
         self.classes, self.max_queued = classes, max_queued
+        if fairness is not None:
+            self.fairness = fairness
+        if weights is not None:
+            self.weights = weights
 
     # -- observation -----------------------------------------------------------------
 
@@ -159,7 +187,8 @@ class Scheduler:
             shed = (victim,)
         ticket.seq = next(self._seq)
         ticket.state = State.QUEUED
-        queue.push(ticket)
+        # A ticket failing over ran a moment ago: its tenant was active all along.
+        queue.push(ticket, returning=ticket.dispatched_at is not None)
         self._queued += 1
         heapq.heappush(self._expiries, (ticket.expires_at, ticket.seq, ticket))
         return Admitted(shed)
@@ -185,7 +214,8 @@ class Scheduler:
         return None
 
     def _shed_candidate(self, arriving: ClassPolicy) -> Ticket | None:
-        """The newest request of the least important class below the arriving one."""
+        """The newest request of the least important class below the arriving one, from the
+        tenant of that class furthest above its share."""
         for policy in reversed(self.classes.ordered):
             if policy.rank <= arriving.rank:
                 return None
@@ -207,7 +237,7 @@ class Scheduler:
         ticket.seq = next(self._seq)
         ticket.state = State.QUEUED
         ticket.queue_deadline = ticket.deadline
-        self._queues[ticket.policy.name].push(ticket)
+        self._queues[ticket.policy.name].push(ticket, returning=True)
         self._queued += 1
         heapq.heappush(self._expiries, (ticket.expires_at, ticket.seq, ticket))
 
@@ -262,6 +292,8 @@ class Scheduler:
             self._queued -= 1
             ticket.state = State.DISPATCHED
             self._left_queue()
+            if ticket.dispatched_at is None:  # its first time: the prompt is read once
+                self.charge(ticket, max(ticket.prompt_tokens, 1), 0.0, now, requests=1)
             ticket.upstream, ticket.dispatched_at = window.name, now
             ticket.effective_priority = effective_priority(ticket.policy, now - ticket.arrival)
             # Aging mattered iff a more important request is still waiting: with headroom
@@ -280,15 +312,33 @@ class Scheduler:
         for name, queue in self._queues.items():
             if queue:
                 self._waited_at[name] = now
+                queue.ledger.waiting(queue.tenants(), now)
         return released
 
     def _pick(self, now: float) -> tuple[Ticket, Window] | None:
-        heads = [t for q in self._queues.values() if (t := q.head()) is not None]
-        for ticket in sorted(heads, key=lambda t: (t.key, t.seq)):
-            window = self._window_for(ticket, now)
+        fronts = [(t, q) for q in self._queues.values() if (t := q.front()) is not None]
+        for front, queue in sorted(fronts, key=lambda f: (f[0].key, f[0].seq)):
+            ticket = queue.head()
+            assert ticket is not None
+            window = self._window_for(ticket, now, front.key)
             if window is not None:
                 return ticket, window
         return None
+
+    # -- fairness between tenants ------------------------------------------------------
+
+    def charge(
+        self, ticket: Ticket, prompt: float, output: float, now: float, *, requests: int = 0
+    ) -> None:
+        """Charge tokens the ticket's request used to its tenant, in its class, as they are
+        used (generated tokens while they stream, the prompt's exact count at the end)."""
+        weight = self.weights.get(ticket.tenant, 1.0)
+        ledger = self._queues[ticket.policy.name].ledger
+        ledger.charge(ticket.tenant, self.fairness, prompt, output, requests, weight, now)
+
+    def ledgers(self) -> dict[str, Ledger]:
+        """Each class's tenant counters and recent service (for metrics and the status page)."""
+        return {name: queue.ledger for name, queue in self._queues.items()}
 
     def keep(self, ticket: Ticket) -> None:
         """A preemption could not be carried out (nothing to pause): the ticket runs on."""
@@ -302,10 +352,10 @@ class Scheduler:
         of a less important class and behind it in the queue's order even after aging (so
         the aging bound holds), reclaimable, on a usable upstream; the least important class
         first, and within it the most recently started (the least work to set aside)."""
-        heads = [t for q in self._queues.values() if (t := q.head()) is not None]
-        if not heads:
+        fronts = [t for q in self._queues.values() if (t := q.front()) is not None]
+        if not fronts:
             return None
-        waiting = min(heads, key=lambda t: (t.key, t.seq))
+        waiting = min(fronts, key=lambda t: (t.key, t.seq))
         candidates = [
             t
             for t in self._running
@@ -320,12 +370,12 @@ class Scheduler:
             return None
         return max(candidates, key=lambda t: (t.policy.rank, t.dispatched_at or 0.0))
 
-    def _window_for(self, ticket: Ticket, now: float) -> Window | None:
-        # A ticket aged to the top priority ignores headroom: otherwise a steady stream of
-        # realtime work would keep the window too full for it, and it would starve. So does a
-        # ticket whose slot can be taken back (work conserving: a reserve is a right to
-        # preempt, not idle capacity).
-        promoted = now - ticket.key >= self.classes.top_head_start_s or ticket.reclaimable
+    def _window_for(self, ticket: Ticket, now: float, key: float) -> Window | None:
+        # A class aged to the top priority (``key``: its oldest ticket's) ignores headroom:
+        # otherwise a steady stream of realtime work would keep the window too full for it,
+        # and it would starve. So does a ticket whose slot can be taken back (work
+        # conserving: a reserve is a right to preempt, not idle capacity).
+        promoted = now - key >= self.classes.top_head_start_s or ticket.reclaimable
         windows: Iterable[Window] = self.windows.values()
         if ticket.avoid:
             others = [w for w in windows if w.usable and w.name not in ticket.avoid]
@@ -345,6 +395,7 @@ class Scheduler:
             return
         ticket.state = State.DONE
         self._running.pop(ticket, None)
+        self._queues[ticket.policy.name].done(ticket)
         paused = ticket.preempting
         if paused:
             ticket.preempting = False

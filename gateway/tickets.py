@@ -39,6 +39,7 @@ class Ticket:
     need_s: float = 0.0
     pace_s: float = math.inf  # seconds per output token its SLA needs (gateway.sizing)
     tenant: str = ""
+    prompt_tokens: int = 1  # estimated, charged to the tenant at dispatch (gateway.fairness)
     avoid: frozenset[str] = frozenset()
     preemptible: bool = False  # the request can be paused and resumed (see gateway.serving)
     preemptions: int = 0

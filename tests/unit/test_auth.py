@@ -82,10 +82,11 @@ def test_keys_file_and_environment(tmp_path: Path) -> None:
     path = tmp_path / "keys.toml"
     path.write_text(
         f'[tenants.acme]\nkeys = ["{hash_key("sk-file")}"]\ntasks = ["chat"]\nmax_class = "standard"\n'
-        "requests_per_s = 5\nmax_concurrent = 2\n"
+        "requests_per_s = 5\nmax_concurrent = 2\nweight = 2.5\n"
     )
     keys = load_keyring(path, "beta:sk-env, acme:sk-extra")
     assert keys.identify("Bearer sk-file").policy.max_class == "standard"
+    assert keys.weights() == {"acme": 2.5, "beta": 1.0}  # shares of a class (fairness)
     assert keys.identify("Bearer sk-extra").name == "acme"
     assert keys.identify("Bearer sk-env").policy.tasks is None
 
@@ -96,6 +97,9 @@ def test_keys_file_and_environment(tmp_path: Path) -> None:
         ('[tenants.a]\nkeys = ["plain-key"]\n', "hashed keys"),
         ('[tenants.a]\nkeys = ["sha256:ab"]\nmax_class = "vip"\n', "max_class"),
         ('[tenants.a]\nkeys = ["sha256:ab"]\nrequests_per_s = -1\n', "positive"),
+        ('[tenants.a]\nkeys = ["sha256:ab"]\nweight = 0\n', "weight must be a positive"),
+        ('[tenants.a]\nkeys = ["sha256:ab"]\nweight = inf\n', "weight must be a positive"),
+        ('[tenants.a]\nkeys = ["sha256:ab"]\nweight = nan\n', "weight must be a positive"),
         ('[tenants.a]\nkeys = ["sha256:ab"]\nlimit = 3\n', "unknown key"),
     ],
 )

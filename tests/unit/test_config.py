@@ -70,6 +70,13 @@ def test_labels_are_configurable_in_any_language(tmp_path: Path) -> None:
             {"tasks": {"t": {}}, "classes": {"batch": {"max_wait_s": 0}}},
             "classes.batch.max_wait_s must be positive",
         ),
+        ({"tasks": {"t": {}}, "fairness": {"mode": "tenants"}}, "fairness.mode must be one of"),
+        ({"tasks": {"t": {}}, "fairness": {"input_weight": -1}}, "fairness.input_weight"),
+        (
+            {"tasks": {"t": {}}, "fairness": {"input_weight": 0, "output_weight": 0}},
+            "cannot both be 0",
+        ),
+        ({"tasks": {"t": {}}, "fairness": {"weight": 2}}, "unknown key 'fairness.weight'"),
         (
             {
                 "tasks": {
@@ -90,6 +97,14 @@ def test_invalid_tables_are_refused_with_the_key_named(raw: dict[str, Any], mess
     with pytest.raises(ConfigError) as info:
         parse_config(raw)
     assert message in str(info.value)
+
+
+def test_fairness_is_by_tokens_unless_the_table_says_otherwise() -> None:
+    shipped = load_config().fairness
+    assert (shipped.mode, shipped.input_weight, shipped.output_weight) == ("tokens", 1.0, 2.0)
+    assert parse_config(minimal()).fairness == shipped
+    rr = parse_config({**minimal(), "fairness": {"mode": "requests", "output_weight": 3}})
+    assert (rr.fairness.mode, rr.fairness.output_weight) == ("requests", 3.0)
 
 
 def test_unreadable_or_malformed_files_are_config_errors(tmp_path: Path) -> None:
