@@ -88,7 +88,15 @@ def _snapshot(st: Status, now: float) -> dict[str, Any]:
             "queued": scheduler.queued,
             "max_queued": scheduler.max_queued,
             "classes": [
-                {"name": p.name, "depth": scheduler.depth(p.name), "max_queued": p.max_queued}
+                {
+                    "name": p.name,
+                    "depth": scheduler.depth(p.name),
+                    "max_queued": p.max_queued,
+                    # Each tenant's fraction of the class's token service, last minute (keys).
+                    "shares": {
+                        t: round(f, 3) for t, f in scheduler.ledgers()[p.name].shares(now).items()
+                    },
+                }
                 for p in scheduler.classes.ordered
             ],
             "expiry_timers": scheduler.timer_entries,
