@@ -11,19 +11,27 @@ protocol refuses more), so there is one choice.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from gateway import sse
 from gateway.errors import BadGateway, GatewayError
 
 
-async def collect(first: bytes, rest: AsyncIterator[bytes], assembler: Assembler) -> dict[str, Any]:
+async def collect(
+    first: bytes,
+    rest: AsyncIterator[bytes],
+    assembler: Assembler,
+    on_batch: Callable[[bytes], None] | None = None,
+) -> dict[str, Any]:
     """The whole answer from a stream's batches of events (``first`` already read), folded
     into ``assembler`` (which may hold an earlier segment's); BadGateway if the stream breaks
-    off, carries an error, or is not JSON."""
+    off, carries an error, or is not JSON. ``on_batch`` sees each batch as it arrives (the
+    tenant's meter: a long answer is charged while it is generated, not at its end)."""
     batch = first
     while True:
+        if on_batch is not None:
+            on_batch(batch)
         chunks = sse.parse_batch(batch)
         if chunks is None:  # not plain data events: find the bad one
             chunks = [sse.parse(event) for event in sse.events(batch) if not sse.is_done(event)]

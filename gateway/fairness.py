@@ -198,9 +198,10 @@ class Meter:
     (vLLM streams one per generated token), a byte search that costs well under a microsecond,
     and charges every :data:`FLUSH_EVENTS` of them. When the call ends its usage is known,
     and :meth:`settle` charges what the estimates missed: the prompt beyond its estimate,
-    tokens beyond the events. It never takes back: the event count overshoots by a few
-    events (role, usage, ``[DONE]``), and a counter that went down would break the service
-    metric (a Prometheus counter).
+    tokens beyond the events. It never takes back (a service counter that went down would
+    break the metric, a Prometheus counter), so the estimates stay low: the last batch, with
+    the finish, usage and ``[DONE]`` events, is left to :meth:`settle`, and what is flushed
+    before it overshoots by at most the role event at the start of a chat stream.
     """
 
     __slots__ = ("_before", "_charge", "_output", "_pending", "_prompt")
@@ -221,6 +222,8 @@ class Meter:
         self._before = before
 
     def batch(self, batch: bytes) -> None:
+        if batch.endswith(b"data: [DONE]\n\n"):
+            return  # the end: settled from the usage
         self._pending += batch.count(b"data: ")
         if self._pending >= FLUSH_EVENTS:
             self.flush()

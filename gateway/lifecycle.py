@@ -31,6 +31,7 @@ from typing import Protocol
 from gateway.auth import Tenant
 from gateway.errors import GatewayError
 from gateway.exchange import Exchange, outcome_for
+from gateway.fairness import Meter
 from gateway.scheduler import Ticket
 
 log = logging.getLogger("gateway.lifecycle")
@@ -64,6 +65,7 @@ class Lifecycle:
         self.response: Closable | None = None
         self.timer: asyncio.TimerHandle | None = None
         self.paused = False  # the scheduler took the slot back; the call is being cut
+        self.meter: Meter | None = None  # charges the current step's tokens to the tenant
         self._tenant: Tenant | None = None
         self._clock = clock
         self._release = release
@@ -126,6 +128,8 @@ class Lifecycle:
             _fail(ex, exc)
         try:
             self.finish_response(clean=False)
+            if self.meter is not None:  # what streamed before an error or a cancel
+                self.meter.flush()
         finally:
             try:
                 self.release_ticket()

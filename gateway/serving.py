@@ -58,6 +58,7 @@ from gateway.errors import (
 )
 from gateway.estimates import Estimates
 from gateway.exchange import Exchange, outcome_for
+from gateway.fairness import Meter, estimate_prompt_tokens
 from gateway.input_limit import fit_input
 from gateway.lifecycle import Lifecycle
 from gateway.metrics import Metrics
@@ -104,6 +105,7 @@ class Serving:
         # A two-step task's reply (first_event) is not paused: its first chunk is rewritten.
         ticket = await self._dispatch(life, step, max_tokens, pausable=first_event is None)
         call = Call(step, ticket, max_tokens, Progress(step.request.endpoint == "chat"))
+        life.meter = self._meter(life.exchange, ticket)
         try:
             async with asyncio.timeout_at(ticket.deadline):
                 opened = await self._open(life, call, headers)
@@ -136,6 +138,9 @@ class Serving:
             pace_s=pace_for(step.task, max_tokens),
             tenant=step.tenant,
         )
+        if step.tenant:  # API keys: tenants share each class by tokens (gateway.fairness)
+            text = step.request.input_text()
+            ticket.prompt_tokens = max(estimate_prompt_tokens(text, step.task.system_prompt), 1)
         life.ticket = ticket
         if pausable and resumable(step):
             ticket.preemptible = True
@@ -143,6 +148,15 @@ class Serving:
         await self._dispatcher.acquire(ticket)
         dispatched(ex, ticket)
         return ticket
+
+    def _meter(self, ex: Exchange, ticket: Ticket) -> Meter | None:
+        """What charges the step's tokens to its tenant as they stream; none without keys
+        (one tenant: nothing to share, and the relay stays as it was)."""
+        if not ticket.tenant:
+            return None
+        charge, now = self._dispatcher.scheduler.charge, self._dispatcher.now
+        before = (ex.prompt_tokens or 0, ex.completion_tokens or 0)
+        return Meter(lambda p, o: charge(ticket, p, o, now()), ticket.prompt_tokens, before)
 
     # -- opening, with failover --------------------------------------------------------
 
@@ -191,6 +205,8 @@ class Serving:
         request's old place in the queue (its arrival, so its aged priority)."""
         life.paused = False
         life.finish_response(clean=False, keep_timer=True)
+        if life.meter is not None:  # what it generated is charged before it waits again
+            life.meter.flush()
         ticket = call.ticket
         self._dispatcher.release(ticket)
         self._dispatcher.on_preempt(ticket, life.pause)  # again, while it has pauses left
@@ -280,7 +296,9 @@ class Serving:
         assembler = Assembler(chat=call.step.request.endpoint == "chat")
         while True:
             try:
-                answer = await collect(opened.first, opened.rest, assembler)
+                meter = life.meter
+                on_batch = None if meter is None else meter.batch
+                answer = await collect(opened.first, opened.rest, assembler, on_batch)
                 break
             except GatewayError as exc:
                 if life.paused:
@@ -293,10 +311,13 @@ class Serving:
         if isinstance(answer.get("usage"), dict):
             answer["usage"] = call.progress.usage(answer["usage"])
         take_usage(life.exchange, answer)
-        self._finished(life.exchange, call)
+        self._finished(life, call)
         return answer
 
-    def _finished(self, ex: Exchange, call: Call) -> None:
+    def _finished(self, life: Lifecycle, call: Call) -> None:
+        ex = life.exchange
+        if life.meter is not None:
+            life.meter.settle(ex.prompt_tokens, ex.completion_tokens)
         if call.progress.segment == 0 and ex.first_byte_at is not None and ex.completion_tokens:
             decode_s = self.now() - ex.first_byte_at
             self.seen.finished(call.step.task.name, decode_s, ex.completion_tokens)
@@ -323,7 +344,7 @@ class Serving:
 
         It releases nothing: the request's lifecycle does, whether or not this ever ran.
         """
-        ex = life.exchange
+        ex, meter = life.exchange, life.meter
         progress = call.progress if call.ticket.preemptible else None
         batch = opened.first
         if first_event is not None:
@@ -331,13 +352,15 @@ class Serving:
             batch = first_event(first) + rest
         while True:
             done = sse.is_done(batch)
+            if meter is not None:
+                meter.batch(batch)
             if progress is not None:
                 batch = progress.read(batch)
             if sse.has_usage_only(batch):
                 batch = take_usage_chunk(ex, batch, keep=call.step.request.include_usage)
             if done:
                 life.finish_response(clean=True)
-                self._finished(ex, call)
+                self._finished(life, call)
             if batch:
                 yield batch
             if done:

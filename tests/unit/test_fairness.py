@@ -166,6 +166,18 @@ def test_the_meter_never_takes_back_and_keeps_its_events_without_usage() -> None
     assert charged == [(0.0, 3.0)]
 
 
+def test_the_last_batch_is_left_to_the_exact_count() -> None:
+    """Its finish, usage and [DONE] events are no tokens: counting them would overcharge a
+    short answer, and a charge is never taken back."""
+    charged: list[tuple[float, float]] = []
+    meter = Meter(lambda p, o: charged.append((p, o)), prompt_charged=5)
+    meter.batch(event("x") * (FLUSH_EVENTS - 2))
+    meter.batch(event("y") + b'data: {"choices":[],"usage":{}}\n\n' * 8 + b"data: [DONE]\n\n")
+    assert charged == []
+    meter.settle(prompt_tokens=5, output_tokens=FLUSH_EVENTS - 1)
+    assert charged == [(0.0, FLUSH_EVENTS - 1)]
+
+
 def test_a_later_steps_meter_counts_only_its_own_usage() -> None:
     charged: list[tuple[float, float]] = []
     meter = Meter(lambda p, o: charged.append((p, o)), prompt_charged=5, before=(30, 1))
