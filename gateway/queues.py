@@ -83,6 +83,8 @@ class ClassQueue(Generic[T]):
 
     def front(self) -> T | None:
         """The class's oldest ticket by key: its place in the order between classes."""
+        if len(self._by_tenant) <= 1:  # no keys: one tenant (on every dispatch: keep it cheap)
+            return next((items[0][2] for items in self._by_tenant.values()), None)
         heads = (items[0] for items in self._by_tenant.values())
         first = min(heads, key=lambda i: i[:2], default=None)
         return None if first is None else first[2]
