@@ -18,9 +18,9 @@ Module layers, top to bottom; a module imports only from the rows below its own:
     scheduler    pure queueing, dispatch and preemption decisions   tickets  its vocabulary
     auth         API keys and tenant limits   steps   a step and its results   upstreams  health
     input_limit  per-task input budgets       queues  class queues, completion rate
-    fairness     tenants' token shares of a class (virtual counters), the stream meter
     protocol     OpenAI wire format   chunks  a stream put back together   exchange  a record
     config       the task table   fields  a request's knobs   sse  event framing   outbound  HTTP
     window       the adaptive window controller (pure logic, explicit clock)
     classes  errors  metrics  settings  breaker  middleware  estimates  recent  window_tuning
+    fairness     tenants' token shares of a class (virtual counters) and the stream meter
 """
