@@ -31,7 +31,6 @@ from gateway.settings import Settings
 from gateway.sizing import Sizing
 from gateway.status import Status
 from gateway.upstreams import Upstream, Upstreams, upstream_name
-from gateway.window_tuning import WindowTuning
 
 log = logging.getLogger("gateway")
 
@@ -117,9 +116,7 @@ def build_runtime(
         running=scheduler.running,
         clock=dispatcher.now,
         on_grow=dispatcher.kick,
-        # Decode evidence comes with each metrics scrape, and a busy vLLM is slow to answer
-        # one: silence counts as saturation only after several missed scrapes.
-        tuning=WindowTuning(stale_s=max(10.0, 4 * settings.health_interval_s)),
+        scrape_interval_s=settings.health_interval_s,
     )
 
     def on_change(upstream: Upstream) -> None:

@@ -59,6 +59,20 @@ def pace_for(task: Task, max_tokens: int) -> float:
     return left / (max_tokens - 1)
 
 
+def tuning_for(scrape_interval_s: float) -> WindowTuning:
+    """The controller's tuning in a gateway, where decode evidence comes with each scrape.
+
+    Measured on the SLO benchmark (2 cores): starting at 4 and growing cost the first tens
+    of seconds of every overload at a window too small for the load, and one slow burst of
+    cold prefills at the start shrank the window to 3 and held it there for the 30 s probe
+    wait, while realtime requests queued behind it. So a window starts at ``--window``
+    (what the operator sized vLLM for) and backs off on evidence; a size that failed is
+    probed again after 10 s; silence counts as saturation only after several missed scrapes
+    (a busy vLLM is slow to answer one).
+    """
+    return WindowTuning(stale_s=max(10.0, 4 * scrape_interval_s), probe_wait_s=10.0)
+
+
 class Sizing:
     """Owns the windows' sizes. Not thread-safe: one event loop owns it.
 
@@ -75,7 +89,7 @@ class Sizing:
         running: Callable[[], Iterable[Ticket]],
         clock: Callable[[], float],
         on_grow: Callable[[], None],
-        tuning: WindowTuning | None = None,
+        scrape_interval_s: float = 2.0,
     ) -> None:
         self._windows: Mapping[str, Window] = {w.name: w for w in windows}
         self._running = running
@@ -85,8 +99,9 @@ class Sizing:
         targets = WindowTargets(ttft_s=min(self._budgets.values()), tpot_s=math.inf)
         self.controllers: dict[str, WindowController] = {}
         if mode == "adaptive":
+            tuning = tuning_for(scrape_interval_s)
             self.controllers = {
-                name: WindowController(targets, max_size=max_size, tuning=tuning)
+                name: WindowController(targets, max_size=max_size, initial=max_size, tuning=tuning)
                 for name in self._windows
             }
         for name, window in self._windows.items():

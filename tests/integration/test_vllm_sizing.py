@@ -33,7 +33,7 @@ async def test_an_unreachable_decode_pace_shrinks_the_window(
         start_gateway(vllm, config, window_mode="adaptive") as url,
         httpx.AsyncClient(base_url=url, timeout=300) as c,
     ):
-        assert await metric(c, window) == vllm.max_num_seqs  # starts at min(4, ceiling)
+        assert await metric(c, window) == vllm.max_num_seqs  # starts at its ceiling
         stop = asyncio.Event()
 
         async def client() -> list[int]:

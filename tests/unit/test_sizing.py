@@ -21,7 +21,7 @@ class Clock:
 
 
 def build(
-    mode: str = "adaptive", max_size: int = 8
+    mode: str = "adaptive", max_size: int = 4
 ) -> tuple[Sizing, Window, Clock, list[int], list[Ticket]]:
     window, clock, kicks, running = Window("a", 1), Clock(), [], []
     sizing = Sizing(
@@ -57,7 +57,7 @@ def test_budgets_and_paces_come_from_the_task_table() -> None:
 
 
 def test_a_fixed_window_stays_at_its_size_whatever_is_measured() -> None:
-    sizing, window, clock, kicks, _ = build("fixed")
+    sizing, window, clock, kicks, _ = build("fixed", max_size=8)
     assert window.size == 8
     assert sizing.controllers == {}
     window.inflight = 8
@@ -69,13 +69,18 @@ def test_a_fixed_window_stays_at_its_size_whatever_is_measured() -> None:
     assert kicks == []
 
 
-def test_an_adaptive_window_starts_small_and_grows_on_good_latency() -> None:
-    sizing, window, clock, kicks, _ = build()
-    assert window.size == 4  # the controller's safe start, below the ceiling of 8
-    for _ in range(30):
-        window.inflight = window.size  # the queue keeps it full
+def test_an_adaptive_window_starts_at_its_ceiling_backs_off_and_grows_back() -> None:
+    sizing, window, clock, kicks, _ = build(max_size=8)
+    assert window.size == 8  # what the operator sized vLLM for
+    window.inflight = 8
+    for _ in range(8):  # labels at 3 s to their first token: three times their budget
+        sizing.first_token("a", "sentiment", 3.0)
+        clock.now += 0.5
+        sizing.tick()
+    assert window.size < 8
+    for _ in range(80):  # then 0.2 s, on a full window: it probes back up to the ceiling
+        window.inflight = window.size
         sizing.first_token("a", "sentiment", 0.2)
-        sizing.decoded("a", clock.now, 0.05 * clock.now, clock.now)  # 50 ms per token
         clock.now += 0.5
         sizing.tick()
     assert window.size == 8
@@ -156,7 +161,7 @@ def test_a_histogram_that_restarts_or_disappears_is_not_a_sample() -> None:
 def test_work_in_flight_and_no_evidence_counts_as_saturated() -> None:
     sizing, window, clock, *_ = build()
     window.inflight = 4
-    for _ in range(12):  # six seconds of silence with four requests running
+    for _ in range(24):  # twelve seconds of silence with four requests running
         clock.now += 0.5
         sizing.tick()
     assert window.size < 4
