@@ -12,6 +12,14 @@ and the class's next slot goes to the waiting tenant with the least counter. Ser
 charged as it happens (the prompt at dispatch, generated tokens while they stream, see
 :class:`Meter`), so a long generation cannot hide its cost until it ends.
 
+What a running request is still expected to generate (its ``max_tokens``) is *reserved*
+against its tenant while it runs, and turned into service token by token as it streams; what
+is left is released when it ends. Without the reservation a tenant's counter would not show
+a 300-token generation it just started, and it could take every free slot at once before
+its counter caught up (measured on vLLM: four long requests dispatched in a row, then the
+other tenant starved for seconds). The reservation counts only for the order, never as
+service.
+
 A tenant that was idle does not bank its idle time: when it becomes *active* again (it had
 nothing queued or running in the class, and a new request arrives) its counter is lifted to
 the class's *floor*, the least counter among the tenants active at that moment (or, when
@@ -83,6 +91,7 @@ class Ledger:
 
     def __init__(self, window_s: float = WINDOW_S, buckets: int = 6) -> None:
         self._counters: dict[str, float] = {}
+        self._reserved: dict[str, float] = {}  # expected service of running requests
         self._active: dict[str, int] = {}  # tickets queued or running, per tenant
         self._floor = 0.0  # never decreases: where a returning tenant starts
         self.served: dict[str, float] = {}  # service in weighted tokens since start (metrics)
@@ -91,7 +100,21 @@ class Ledger:
         self._window: deque[_Bucket] = deque(maxlen=buckets)
 
     def counter(self, tenant: str) -> float:
-        return self._counters.get(tenant, self._floor)
+        """The order between tenants: service over weight, plus what is reserved."""
+        return self._counters.get(tenant, self._floor) + self._reserved.get(tenant, 0.0)
+
+    def reserve(self, tenant: str, amount: float) -> None:
+        """Hold ``amount`` (counter units) against the tenant: a request just started."""
+        if tenant and amount > 0:
+            self._reserved[tenant] = self._reserved.get(tenant, 0.0) + amount
+
+    def unreserve(self, tenant: str, amount: float) -> None:
+        """Let go of ``amount`` of the tenant's reservation (used, or no longer needed)."""
+        left = self._reserved.get(tenant, 0.0) - amount
+        if left > 1e-9:
+            self._reserved[tenant] = left
+        else:
+            self._reserved.pop(tenant, None)
 
     def join(self, tenant: str, *, returning: bool) -> None:
         """A ticket of ``tenant`` became active (queued). ``returning``: it was active a
@@ -101,7 +124,7 @@ class Ledger:
         count = self._active.get(tenant, 0)
         if count == 0 and not returning:
             self._floor = max(self._floor, self._least_active())
-            self._counters[tenant] = max(self.counter(tenant), self._floor)
+            self._counters[tenant] = max(self._counters.get(tenant, self._floor), self._floor)
         self._active[tenant] = count + 1
 
     def leave(self, tenant: str) -> None:
@@ -136,7 +159,7 @@ class Ledger:
         service = policy.service(prompt, output)
         order = requests if policy.mode == "requests" else service
         if order:
-            self._counters[tenant] = self.counter(tenant) + order / weight
+            self._counters[tenant] = self._counters.get(tenant, self._floor) + order / weight
         if service:
             self.served[tenant] = self.served.get(tenant, 0.0) + service
             bucket = self._bucket(now)
@@ -172,7 +195,8 @@ class Ledger:
         return len(self._counters)
 
     def _least_active(self) -> float:
-        return min((self.counter(t) for t in self._active), default=self._floor)
+        counters, floor = self._counters, self._floor
+        return min((counters.get(t, floor) for t in self._active), default=floor)
 
     def _bucket(self, now: float) -> _Bucket:
         if not self._window or now >= self._window[-1].start + self._width:

@@ -294,6 +294,7 @@ class Scheduler:
             self._left_queue()
             if ticket.dispatched_at is None:  # its first time: the prompt is read once
                 self.charge(ticket, max(ticket.prompt_tokens, 1), 0.0, now, requests=1)
+            self._reserve(ticket)
             ticket.upstream, ticket.dispatched_at = window.name, now
             ticket.effective_priority = effective_priority(ticket.policy, now - ticket.arrival)
             # Aging mattered iff a more important request is still waiting: with headroom
@@ -335,6 +336,17 @@ class Scheduler:
         weight = self.weights.get(ticket.tenant, 1.0)
         ledger = self._queues[ticket.policy.name].ledger
         ledger.charge(ticket.tenant, self.fairness, prompt, output, requests, weight, now)
+        if ticket.reserved and output:  # what was reserved for these tokens is now service
+            used = min(ticket.reserved, output * self.fairness.output_weight / weight)
+            ticket.reserved -= used
+            ledger.unreserve(ticket.tenant, used)
+
+    def _reserve(self, ticket: Ticket) -> None:
+        """Hold what the ticket may still generate against its tenant while it runs."""
+        if self.fairness.mode == "tokens" and ticket.output_tokens and ticket.tenant:
+            weight = self.weights.get(ticket.tenant, 1.0)
+            ticket.reserved = ticket.output_tokens * self.fairness.output_weight / weight
+            self._queues[ticket.policy.name].ledger.reserve(ticket.tenant, ticket.reserved)
 
     def ledgers(self) -> dict[str, Ledger]:
         """Each class's tenant counters and recent service (for metrics and the status page)."""
@@ -395,7 +407,10 @@ class Scheduler:
             return
         ticket.state = State.DONE
         self._running.pop(ticket, None)
-        self._queues[ticket.policy.name].done(ticket)
+        queue = self._queues[ticket.policy.name]
+        queue.ledger.unreserve(ticket.tenant, ticket.reserved)  # it generates no more here
+        ticket.reserved = 0.0
+        queue.done(ticket)
         paused = ticket.preempting
         if paused:
             ticket.preempting = False

@@ -141,6 +141,7 @@ class Serving:
         if step.tenant:  # API keys: tenants share each class by tokens (gateway.fairness)
             text = step.request.input_text()
             ticket.prompt_tokens = max(estimate_prompt_tokens(text, step.task.system_prompt), 1)
+            ticket.output_tokens = max_tokens
         life.ticket = ticket
         if pausable and resumable(step):
             ticket.preemptible = True

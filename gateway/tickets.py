@@ -40,6 +40,8 @@ class Ticket:
     pace_s: float = math.inf  # seconds per output token its SLA needs (gateway.sizing)
     tenant: str = ""
     prompt_tokens: int = 1  # estimated, charged to the tenant at dispatch (gateway.fairness)
+    output_tokens: int = 0  # at most this many generated: reserved for its tenant while it runs
+    reserved: float = 0.0  # what is left of that reservation (counter units)
     avoid: frozenset[str] = frozenset()
     preemptible: bool = False  # the request can be paused and resumed (see gateway.serving)
     preemptions: int = 0

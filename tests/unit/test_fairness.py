@@ -226,6 +226,7 @@ class Sim:
             deadline=1e12,
             tenant=tenant.name,
             prompt_tokens=tenant.prompt,
+            output_tokens=tenant.output,  # its max_tokens: on random weights, what it gets
         )
         self.s.admit(t, self.now)
         return t
@@ -369,6 +370,32 @@ def test_the_aging_bound_holds_for_a_class_whatever_its_tenants_counters(
             for i in s.dispatch(now)
             if isinstance(i, Dispatch) and i.ticket.policy is BATCH
         ]
+
+
+def test_a_long_generation_just_started_counts_against_its_tenant() -> None:
+    """A free window is not all taken by one tenant's long requests before its counter could
+    show them: what a running request may generate is reserved against its tenant."""
+    s = Scheduler(CLASSES, 64, [Window("u", 4)])
+    for i in range(4):
+        for name, output in (("long", 320), ("short", 16)):
+            t = Ticket("b", BATCH, i, 1e9, 1e9, tenant=name, output_tokens=output, preemptible=True)
+            s.admit(t, 0.0)
+    started = [i.ticket for i in s.dispatch(0.0) if isinstance(i, Dispatch)]
+    assert [t.tenant for t in started] == ["long", "short", "short", "short"]
+
+
+def test_a_reservation_becomes_service_and_the_rest_is_let_go() -> None:
+    s = Scheduler(CLASSES, 64, [Window("u", 4)])
+    t = Ticket("b", BATCH, 0.0, 1e9, 1e9, tenant="a", prompt_tokens=10, output_tokens=100)
+    s.admit(t, 0.0)
+    s.dispatch(0.0)
+    ledger = s.ledgers()["batch"]
+    assert ledger.counter("a") == 10 + 2 * 100
+    s.charge(t, 0, 30, 1.0)
+    assert ledger.counter("a") == 10 + 2 * 100  # 30 tokens moved from reserved to served
+    s.release(t, 2.0)  # it stopped at 30
+    assert ledger.counter("a") == 10 + 2 * 30
+    assert ledger.served["a"] == 10 + 2 * 30
 
 
 def test_shedding_takes_from_the_tenant_furthest_above_its_share() -> None:
