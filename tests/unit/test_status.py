@@ -110,7 +110,8 @@ async def test_status_json_after_traffic(start_gateway: GatewayFactory, fake: Fa
         assert queue["max_queued"] == 512
         classes = by_name(queue["classes"])
         assert list(classes) == ["realtime", "interactive", "standard", "batch", "background"]
-        assert classes["batch"] == {"name": "batch", "depth": 2, "max_queued": 2}
+        # shares: tokens served per tenant over the last minute; none without keys
+        assert classes["batch"] == {"name": "batch", "depth": 2, "max_queued": 2, "shares": {}}
         assert classes["realtime"]["depth"] == 0
 
         (upstream,) = status["upstreams"]
