@@ -13,7 +13,7 @@ import httpx
 from starlette.types import ASGIApp, Message, Receive
 
 
-async def until(condition: Callable[[], bool], timeout_s: float = 5.0) -> None:
+async def until(condition: Callable[[], bool], timeout_s: float = 20.0) -> None:
     """Wait for a condition that another task makes true; fail the test if it never does."""
     async with asyncio.timeout(timeout_s):
         while not condition():
