@@ -8,7 +8,7 @@ from __future__ import annotations
 import bisect
 import itertools
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Generic, Protocol, TypeVar
 
 from gateway.fairness import Ledger
@@ -90,7 +90,9 @@ class ClassQueue(Generic[T]):
         return None if first is None else first[2]
 
     def oldest_arrival(self) -> float | None:
-        """When the longest-waiting ticket arrived (each tenant's list is in arrival order)."""
+        """When the longest-waiting ticket arrived. Each tenant's list is in key order, which
+        is arrival order but for tickets whose key was moved back (late, or paused): then it
+        is no later than the oldest arrival among the others."""
         return min((items[0][2].arrival for items in self._by_tenant.values()), default=None)
 
     def newest(self) -> T | None:
@@ -101,6 +103,15 @@ class ClassQueue(Generic[T]):
         counter = self.ledger.counter
         heaviest = max(self._by_tenant, key=lambda t: (counter(t), len(self._by_tenant[t])))
         return self._by_tenant[heaviest][-1][2]
+
+    def rekey(self, ticket: T, change: Callable[[], None]) -> None:
+        """Move a queued ticket whose key ``change()`` alters to its new place (its tenant
+        keeps waiting: no counter moves)."""
+        self._unlink(ticket, keep_turn=True)
+        change()
+        items = self._by_tenant.setdefault(ticket.tenant, [])
+        bisect.insort(items, (ticket.key, ticket.seq, ticket), key=lambda i: i[:2])
+        self._len += 1
 
     def take(self, ticket: T) -> None:
         """Remove the head being dispatched; its tenant stays active while it runs."""
@@ -117,7 +128,7 @@ class ClassQueue(Generic[T]):
         """A dispatched ticket of this class finished (or was paused, and comes back)."""
         self.ledger.leave(ticket.tenant)
 
-    def _unlink(self, ticket: T) -> None:
+    def _unlink(self, ticket: T, *, keep_turn: bool = False) -> None:
         items = self._by_tenant[ticket.tenant]
         index = bisect.bisect_left(items, (ticket.key, ticket.seq), key=lambda i: i[:2])
         assert items[index][2] is ticket, "ticket not in its class queue"
@@ -125,7 +136,8 @@ class ClassQueue(Generic[T]):
         self._len -= 1
         if not items:
             del self._by_tenant[ticket.tenant]
-            del self._turns[ticket.tenant]
+            if not keep_turn:
+                del self._turns[ticket.tenant]
 
     def count_before(self, key: float) -> int:
         """How many queued tickets would go before a new ticket with this key."""

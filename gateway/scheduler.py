@@ -13,7 +13,12 @@ is what makes the wait bound hold under realtime saturation). Queues are bounded
 and overall; when the overall bound is hit, a more important arrival evicts (sheds) the
 newest request of the least important class below it. A request whose queue deadline
 passes, or whose remaining budget falls below what it needs, expires without ever being
-sent upstream.
+sent upstream. A request that can no longer make its time to first token (it has waited
+past its task's ``sla_ttft_s``) is *late*: it moves behind every request that still can, so
+under overload the gateway serves answers that will be on time instead of first come, first
+served (which makes every answer late); it is still served if a slot frees before its queue
+deadline. A running request of a less important class may be paused (preempted) for the
+best waiting one; if its answer had begun, it ages afresh from the pause.
 
 Within a class, tenants share by tokens (:mod:`gateway.fairness`): the class competes with
 the others by its oldest ticket, exactly as if it were one queue, and the slot it wins goes
@@ -199,10 +204,11 @@ class Scheduler:
         oldest = queue.oldest_arrival()
         if oldest is None or now - oldest <= policy.max_wait_s:
             return None
-        # A paused request waits again at its old place, but the class was served: only
-        # requests that never ran say it is behind (else every preemption of an old batch
-        # request would close the class's door). Scanned only past the cheap check.
-        oldest = min((t.arrival for t in queue if t.preemptions == 0), default=None)
+        # A paused request waits again, but the class was served: only requests that never
+        # ran say it is behind (else every preemption of an old batch request would close
+        # the class's door); nor do late ones, which wait behind the class's fresh work.
+        # Scanned only past the cheap check.
+        oldest = min((t.arrival for t in queue if t.preemptions == 0 and not t.late), default=None)
         if oldest is None or now - oldest <= policy.max_wait_s:
             return None
         since = now - policy.max_wait_s
@@ -231,9 +237,16 @@ class Scheduler:
             self._left_queue()
 
     def requeue(self, ticket: Ticket, now: float) -> None:
-        """Queue a preempted ticket again, past admission (it was admitted once) and at its
-        old place: its arrival, so its aged priority, is kept. Its queue deadline no longer
-        applies (it already waited and started); its total deadline still does."""
+        """Queue a preempted ticket again, past admission (it was admitted once). One paused
+        before its answer began keeps its old place (its aged priority): its wait goes on.
+        One whose answer began ages afresh from the pause, as if it arrived now: its wait
+        ended, and keeping its aged priority would let it take the slot straight back from
+        the fresh, more important request it was paused for (each pause then costs it at
+        most its class's gap to the top, and ``max_preemptions`` bounds the pauses). Its
+        queue deadline no longer applies; its total deadline still does."""
+        if ticket.started:
+            ticket.penalty_s = max(now - ticket.arrival, 0.0)
+            ticket.late_at = math.inf  # its first token came: the time-to-first-token is met
         ticket.seq = next(self._seq)
         ticket.state = State.QUEUED
         ticket.queue_deadline = ticket.deadline
@@ -317,6 +330,8 @@ class Scheduler:
         return released
 
     def _pick(self, now: float) -> tuple[Ticket, Window] | None:
+        for queue in self._queues.values():
+            self._demote_late(queue, now)
         fronts = [(t, q) for q in self._queues.values() if (t := q.front()) is not None]
         for front, queue in sorted(fronts, key=lambda f: (f[0].key, f[0].seq)):
             ticket = queue.head()
@@ -325,6 +340,25 @@ class Scheduler:
             if window is not None:
                 return ticket, window
         return None
+
+    def _demote_late(self, queue: ClassQueue[Ticket], now: float) -> None:
+        """Move the class's leading tickets that can no longer make their time to first
+        token behind every ticket that still can: serving them first would spend the slot
+        on an answer already late and make the fresh ones behind them late too (under
+        overload, first come first served misses every deadline). They are still served
+        when a slot is free before their queue deadline. Only the tickets that decide the
+        next dispatch are checked; the others are when they come to the front."""
+        while True:
+            late = [t for t in (queue.front(), queue.head()) if t is not None and t.late_at <= now]
+            if not late:
+                return
+            ticket = late[0]
+
+            def demote(ticket: Ticket = ticket) -> None:
+                ticket.late, ticket.late_at = True, math.inf
+                ticket.penalty_s += self.classes.top_head_start_s
+
+            queue.rekey(ticket, demote)
 
     # -- fairness between tenants ------------------------------------------------------
 
@@ -360,21 +394,25 @@ class Scheduler:
             self._preempting -= 1
 
     def _victim(self, now: float) -> Ticket | None:
-        """The running ticket to pause for the best waiting one, if that one fits nowhere:
-        of a less important class and behind it in the queue's order even after aging (so
-        the aging bound holds), reclaimable, on a usable upstream; the least important class
-        first, and within it the most recently started (the least work to set aside)."""
+        """The running ticket to pause for the best waiting one, if that one fits nowhere
+        and is not late: of a less important class, reclaimable, on a usable upstream, and
+        either behind it in the queue's order even after aging or already answering (so the
+        aging bound, a bound on the wait for the answer to begin, holds); the least
+        important class first, and within it the most recently started (the least work to
+        set aside)."""
         fronts = [t for q in self._queues.values() if (t := q.front()) is not None]
         if not fronts:
             return None
         waiting = min(fronts, key=lambda t: (t.key, t.seq))
+        if waiting.late:  # an answer already late takes a free slot, never a running one's
+            return None
         candidates = [
             t
             for t in self._running
             if t.reclaimable
             and not t.preempting
             and t.policy.rank > waiting.policy.rank
-            and t.key > waiting.key
+            and (t.key > waiting.key or t.started)
             and t.upstream is not None
             and self.windows[t.upstream].usable
         ]

@@ -134,6 +134,7 @@ class Serving:
             arrival=ex.queued_at,  # aging counts time in the queue
             queue_deadline=ex.arrival + min(step.budget.queue_s, step.budget.total_s),
             deadline=ex.arrival + step.budget.total_s,  # deadlines count from the arrival
+            late_at=ex.arrival + step.task.sla_ttft_s,  # waiting past it, it cannot make it
             need_s=self.seen.ttft.get(step.task.name),
             pace_s=pace_for(step.task, max_tokens),
             tenant=step.tenant,
@@ -195,6 +196,7 @@ class Serving:
             self._upstreams.succeeded(upstream)
             ex = life.exchange
             if call.progress.segment == 0:
+                ticket.started = True  # a pause from now on costs it a fresh wait, not its place
                 ex.first_byte_at = self._dispatcher.now()
                 ttft = ex.first_byte_at - (ex.dispatched_at or ex.arrival)
                 self.seen.ttft.observe(call.step.task.name, ttft)
@@ -202,8 +204,8 @@ class Serving:
             return opened
 
     async def _requeue(self, life: Lifecycle, call: Call) -> None:
-        """The scheduler took the call's slot back: give it up, and wait for a new one at the
-        request's old place in the queue (its arrival, so its aged priority)."""
+        """The scheduler took the call's slot back: give it up, and wait for a new one (at its
+        old place if its answer had not begun, else aging afresh: see Scheduler.requeue)."""
         life.paused = False
         life.finish_response(clean=False, keep_timer=True)
         if life.meter is not None:  # what it generated is charged before it waits again

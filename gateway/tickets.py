@@ -29,6 +29,10 @@ class Ticket:
     (e.g. the task's observed time to first token); once less than that remains it expires.
     ``avoid`` names upstreams that already failed it (failover): it goes to one of them only
     when no other upstream is usable, so it can never wait for an upstream that went away.
+
+    ``late_at`` is when it can no longer make its SLA's time to first token: from then on it
+    waits behind every request that still can (``penalty_s`` moves its key back). A ticket
+    that ``started`` (its answer began) and was paused ages afresh from the pause.
     """
 
     task: str
@@ -42,6 +46,10 @@ class Ticket:
     prompt_tokens: int = 1  # estimated, charged to the tenant at dispatch (gateway.fairness)
     output_tokens: int = 0  # at most this many generated: reserved for its tenant while it runs
     reserved: float = 0.0  # what is left of that reservation (counter units)
+    late_at: float = math.inf
+    late: bool = False  # demoted: waits behind every ticket that can still make its SLA
+    penalty_s: float = 0.0  # added to its key: a late ticket's demotion, a paused one's restart
+    started: bool = False  # its answer began (the first byte came back)
     avoid: frozenset[str] = frozenset()
     preemptible: bool = False  # the request can be paused and resumed (see gateway.serving)
     preemptions: int = 0
@@ -55,8 +63,9 @@ class Ticket:
 
     @property
     def key(self) -> float:
-        """Queue order: smaller goes first. Equal to ``now - effective_priority(now)``."""
-        return self.arrival - self.policy.head_start_s
+        """Queue order: smaller goes first. Equal to ``now - effective_priority(now)``, less
+        the penalty of a late or paused ticket."""
+        return self.arrival - self.policy.head_start_s + self.penalty_s
 
     @property
     def reclaimable(self) -> bool:

@@ -670,3 +670,85 @@ def test_tickets_that_left_the_queue_leave_the_expiry_heap_while_one_waits() -> 
         assert waiting.state is State.QUEUED
     assert s.queued == 1
     assert s.timer_entries <= 2 * s.queued + 1
+
+
+def test_a_late_request_waits_behind_one_that_can_still_make_it() -> None:
+    """Under overload, first come first served makes every answer late: a chat that waited
+    past its time to first token goes behind a fresh one, and is served when a slot frees
+    before its queue deadline."""
+    s = scheduler(window=1, classes=UNBOUNDED)
+    busy = ticket(RT, 0.0)
+    s.admit(busy, 0.0)
+    s.dispatch(0.0)
+    old = ticket(INTER, 0.0, queue_s=10.0, late_at=3.0)
+    fresh = ticket(INTER, 4.0, queue_s=10.0, late_at=7.0)
+    admit_all(s, [old, fresh], 4.0)
+    s.release(busy, 4.5)
+    assert dispatched(s.dispatch(4.5)) == [fresh]
+    assert old.late
+    assert not fresh.late
+    s.release(fresh, 6.0)
+    assert dispatched(s.dispatch(6.0)) == [old]  # a free slot before its queue deadline
+
+
+def test_a_late_request_goes_behind_less_important_work_that_is_on_time() -> None:
+    s = scheduler(window=1, classes=UNBOUNDED)
+    busy = ticket(RT, 0.0)
+    s.admit(busy, 0.0)
+    s.dispatch(0.0)
+    chat = ticket(INTER, 0.0, queue_s=10.0, late_at=3.0)
+    batch = ticket(BATCH, 1.0)
+    admit_all(s, [chat, batch], 1.0)
+    s.release(busy, 4.0)
+    assert dispatched(s.dispatch(4.0)) == [batch]
+
+
+def test_a_late_request_takes_a_free_slot_never_a_running_ones() -> None:
+    s = scheduler(window=1, classes=UNBOUNDED)
+    (b,) = running_batch(s, 1)
+    b.started = True
+    late = ticket(INTER, 1.0, queue_s=10.0, late_at=3.0)
+    s.admit(late, 1.0)
+    assert preempted(s.dispatch(2.0)) == [b]  # on time: takes the slot back
+    s.keep(b)
+    assert preempted(s.dispatch(3.0)) == []  # late now: waits for a free slot
+
+
+def test_a_paused_request_whose_answer_began_ages_afresh() -> None:
+    """A batch request that waited 35 s starts (its priority, 45, beats fresh realtime's 40).
+    Once its answer began it can be paused for realtime, and then waits from the pause: a
+    fresh chat goes before it, and it is back within its class's gap to the top."""
+    s = scheduler(window=1, classes=UNBOUNDED)
+    b = ticket(BATCH, arrival=0.0, preemptible=True)
+    s.admit(b, 0.0)
+    s.windows["u0"].usable = False
+    s.dispatch(0.0)
+    s.windows["u0"].usable = True
+    assert dispatched(s.dispatch(35.0)) == [b]
+    rt = ticket(RT, 35.5)
+    s.admit(rt, 35.5)
+    assert preempted(s.dispatch(35.5)) == []  # its answer has not begun: its wait goes on
+    s.keep(b)
+    b.started = True
+    assert preempted(s.dispatch(36.0)) == [b]
+    s.release(b, 36.1)
+    assert dispatched(s.dispatch(36.1)) == [rt]
+    s.requeue(b, 36.1)
+    chat = ticket(INTER, 37.0)
+    s.admit(chat, 37.0)
+    s.release(rt, 37.5)
+    assert dispatched(s.dispatch(37.5)) == [chat]  # b's old place (priority 47) is gone
+    s.release(chat, 40.0)
+    assert dispatched(s.dispatch(40.0)) == [b]
+    assert b.key == 36.1 - BATCH.head_start_s
+
+
+def test_a_paused_request_whose_answer_had_not_begun_keeps_its_place() -> None:
+    s = scheduler(window=1, classes=UNBOUNDED)
+    (b,) = running_batch(s, 1)
+    s.admit(ticket(RT, 5.0), 5.0)
+    assert preempted(s.dispatch(5.0)) == [b]
+    s.release(b, 5.1)
+    s.dispatch(5.1)
+    s.requeue(b, 5.1)
+    assert b.key == 0.0 - BATCH.head_start_s
