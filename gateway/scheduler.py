@@ -13,12 +13,8 @@ is what makes the wait bound hold under realtime saturation). Queues are bounded
 and overall; when the overall bound is hit, a more important arrival evicts (sheds) the
 newest request of the least important class below it. A request whose queue deadline
 passes, or whose remaining budget falls below what it needs, expires without ever being
-sent upstream. A request that can no longer make its time to first token (it has waited
-past its task's ``sla_ttft_s``) is *late*: it moves behind every request that still can, so
-under overload the gateway serves answers that will be on time instead of first come, first
-served (which makes every answer late); it is still served if a slot frees before its queue
-deadline. A running request of a less important class may be paused (preempted) for the
-best waiting one; if its answer had begun, it ages afresh from the pause.
+sent upstream. Who gives way to whom (shedding, late requests moved back, running requests
+paused) is :mod:`gateway.preemption`; a paused request whose answer had begun ages afresh.
 
 Within a class, tenants share by tokens (:mod:`gateway.fairness`): the class competes with
 the others by its oldest ticket, exactly as if it were one queue, and the slot it wins goes
@@ -28,13 +24,13 @@ prompt) and by :meth:`Scheduler.charge` while the answer streams.
 
 from __future__ import annotations
 
-import heapq
 import itertools
 import math
 from collections.abc import Iterable, Iterator, Mapping
 
 from gateway.classes import ClassPolicy, ClassTable, effective_priority
 from gateway.fairness import FairnessPolicy, Ledger
+from gateway.preemption import demote_late, shed_candidate, victim
 from gateway.queues import ClassQueue, CompletionRate
 from gateway.tickets import (
     Admitted,
@@ -46,6 +42,7 @@ from gateway.tickets import (
     Ticket,
     Window,
 )
+from gateway.timers import Deadlines
 
 
 class Scheduler:
@@ -71,11 +68,7 @@ class Scheduler:
         self._queues: dict[str, ClassQueue[Ticket]] = {
             p.name: ClassQueue() for p in classes.ordered
         }
-        # Queue deadlines, soonest first. A ticket that leaves the queue otherwise (dispatched,
-        # withdrawn, shed) leaves a stale entry; the heap is rebuilt once stale entries are the
-        # majority, so it never holds more than twice what is queued (not rate x deadline).
-        self._expiries: list[tuple[float, int, Ticket]] = []
-        self._stale = 0
+        self._deadlines = Deadlines()
         self._seq = itertools.count()
         self._queued = 0
         self.completions = CompletionRate()
@@ -113,7 +106,7 @@ class Scheduler:
     @property
     def timer_entries(self) -> int:
         """Entries in the expiry heap: at most twice the queued tickets."""
-        return len(self._expiries)
+        return len(self._deadlines)
 
     def running(self) -> Iterable[Ticket]:
         """The dispatched tickets, oldest dispatch first."""
@@ -180,22 +173,22 @@ class Scheduler:
             )
         shed: tuple[Ticket, ...] = ()
         if self._queued >= self.max_queued:
-            victim = self._shed_candidate(policy)
-            if victim is None:
+            evicted = shed_candidate(policy, self.classes.ordered, self._queues)
+            if evicted is None:
                 return Rejected(
                     "queue_full",
                     f"the gateway queue is full ({self.max_queued} waiting)",
                     self.retry_after(policy, now),
                 )
-            self._remove(victim, State.SHED)
-            self._left_queue()
-            shed = (victim,)
+            self._remove(evicted, State.SHED)
+            self._deadlines.left()
+            shed = (evicted,)
         ticket.seq = next(self._seq)
         ticket.state = State.QUEUED
         # A ticket failing over ran a moment ago: its tenant was active all along.
         queue.push(ticket, returning=ticket.dispatched_at is not None)
         self._queued += 1
-        heapq.heappush(self._expiries, (ticket.expires_at, ticket.seq, ticket))
+        self._deadlines.push(ticket)
         return Admitted(shed)
 
     def _behind(self, policy: ClassPolicy, queue: ClassQueue[Ticket], now: float) -> float | None:
@@ -219,22 +212,11 @@ class Scheduler:
             return now - oldest
         return None
 
-    def _shed_candidate(self, arriving: ClassPolicy) -> Ticket | None:
-        """The newest request of the least important class below the arriving one, from the
-        tenant of that class furthest above its share."""
-        for policy in reversed(self.classes.ordered):
-            if policy.rank <= arriving.rank:
-                return None
-            newest = self._queues[policy.name].newest()
-            if newest is not None:
-                return newest
-        return None
-
     def withdraw(self, ticket: Ticket) -> None:
         """The client gave up while queued: forget the ticket."""
         if ticket.state is State.QUEUED:
             self._remove(ticket, State.WITHDRAWN)
-            self._left_queue()
+            self._deadlines.left()
 
     def requeue(self, ticket: Ticket, now: float) -> None:
         """Queue a preempted ticket again, past admission (it was admitted once). One paused
@@ -252,42 +234,25 @@ class Scheduler:
         ticket.queue_deadline = ticket.deadline
         self._queues[ticket.policy.name].push(ticket, returning=True)
         self._queued += 1
-        heapq.heappush(self._expiries, (ticket.expires_at, ticket.seq, ticket))
+        self._deadlines.push(ticket)
 
     def _remove(self, ticket: Ticket, state: State) -> None:
         self._queues[ticket.policy.name].remove(ticket)
         self._queued -= 1
         ticket.state = state
 
-    def _left_queue(self) -> None:
-        """A queued ticket left other than by expiring: its heap entry is now stale."""
-        self._stale += 1
-        if self._stale * 2 > len(self._expiries):
-            self._expiries = [e for e in self._expiries if _live(e)]
-            heapq.heapify(self._expiries)
-            self._stale = 0
-
     # -- time ------------------------------------------------------------------------
 
     def expire(self, now: float) -> list[Expiry]:
         """Remove and return queued tickets whose time ran out."""
-        expired = []
-        while self._expiries and self._expiries[0][0] <= now:
-            entry = heapq.heappop(self._expiries)
-            ticket = entry[2]
-            if _live(entry):
-                self._remove(ticket, State.EXPIRED)
-                expired.append(Expiry(ticket, ticket.expiry_stage))
-            else:
-                self._stale -= 1
-        return expired
+        expired = self._deadlines.due(now)
+        for ticket in expired:
+            self._remove(ticket, State.EXPIRED)
+        return [Expiry(ticket, ticket.expiry_stage) for ticket in expired]
 
     def next_expiry(self) -> float | None:
         """When :meth:`expire` next has something to do, if ever."""
-        while self._expiries and not _live(self._expiries[0]):
-            heapq.heappop(self._expiries)
-            self._stale -= 1
-        return self._expiries[0][0] if self._expiries else None
+        return self._deadlines.next()
 
     # -- dispatch --------------------------------------------------------------------
 
@@ -304,7 +269,7 @@ class Scheduler:
             self._queues[ticket.policy.name].take(ticket)
             self._queued -= 1
             ticket.state = State.DISPATCHED
-            self._left_queue()
+            self._deadlines.left()
             if ticket.dispatched_at is None:  # its first time: the prompt is read once
                 self.charge(ticket, max(ticket.prompt_tokens, 1), 0.0, now, requests=1)
             self._reserve(ticket)
@@ -318,11 +283,12 @@ class Scheduler:
             window.inflight += 1
             self._running[ticket] = None
             released.append(Dispatch(ticket))
-        if self._preempting == 0 and (victim := self._victim(now)) is not None:
-            victim.preempting = True
-            victim.preemptions += 1
+        fronts = (t for q in self._queues.values() if (t := q.front()) is not None)
+        if self._preempting == 0 and (pause := victim(fronts, self._running, self.windows)):
+            pause.preempting = True
+            pause.preemptions += 1
             self._preempting += 1
-            released.append(Preempt(victim))
+            released.append(Preempt(pause))
         for name, queue in self._queues.items():
             if queue:
                 self._waited_at[name] = now
@@ -331,7 +297,7 @@ class Scheduler:
 
     def _pick(self, now: float) -> tuple[Ticket, Window] | None:
         for queue in self._queues.values():
-            self._demote_late(queue, now)
+            demote_late(queue, now, self.classes.top_head_start_s)
         fronts = [(t, q) for q in self._queues.values() if (t := q.front()) is not None]
         for front, queue in sorted(fronts, key=lambda f: (f[0].key, f[0].seq)):
             ticket = queue.head()
@@ -340,25 +306,6 @@ class Scheduler:
             if window is not None:
                 return ticket, window
         return None
-
-    def _demote_late(self, queue: ClassQueue[Ticket], now: float) -> None:
-        """Move the class's leading tickets that can no longer make their time to first
-        token behind every ticket that still can: serving them first would spend the slot
-        on an answer already late and make the fresh ones behind them late too (under
-        overload, first come first served misses every deadline). They are still served
-        when a slot is free before their queue deadline. Only the tickets that decide the
-        next dispatch are checked; the others are when they come to the front."""
-        while True:
-            late = [t for t in (queue.front(), queue.head()) if t is not None and t.late_at <= now]
-            if not late:
-                return
-            ticket = late[0]
-
-            def demote(ticket: Ticket = ticket) -> None:
-                ticket.late, ticket.late_at = True, math.inf
-                ticket.penalty_s += self.classes.top_head_start_s
-
-            queue.rekey(ticket, demote)
 
     # -- fairness between tenants ------------------------------------------------------
 
@@ -392,33 +339,6 @@ class Scheduler:
             ticket.preempting = False
             ticket.preemptions -= 1
             self._preempting -= 1
-
-    def _victim(self, now: float) -> Ticket | None:
-        """The running ticket to pause for the best waiting one, if that one fits nowhere
-        and is not late: of a less important class, reclaimable, on a usable upstream, and
-        either behind it in the queue's order even after aging or already answering (so the
-        aging bound, a bound on the wait for the answer to begin, holds); the least
-        important class first, and within it the most recently started (the least work to
-        set aside)."""
-        fronts = [t for q in self._queues.values() if (t := q.front()) is not None]
-        if not fronts:
-            return None
-        waiting = min(fronts, key=lambda t: (t.key, t.seq))
-        if waiting.late:  # an answer already late takes a free slot, never a running one's
-            return None
-        candidates = [
-            t
-            for t in self._running
-            if t.reclaimable
-            and not t.preempting
-            and t.policy.rank > waiting.policy.rank
-            and (t.key > waiting.key or t.started)
-            and t.upstream is not None
-            and self.windows[t.upstream].usable
-        ]
-        if not candidates:
-            return None
-        return max(candidates, key=lambda t: (t.policy.rank, t.dispatched_at or 0.0))
 
     def _window_for(self, ticket: Ticket, now: float, key: float) -> Window | None:
         # A class aged to the top priority (``key``: its oldest ticket's) ignores headroom:
@@ -458,11 +378,6 @@ class Scheduler:
             window.inflight -= 1
         if not paused:  # a pause is not a completion: it would inflate the drain rate
             self.completions.record(now)
-
-
-def _live(entry: tuple[float, int, Ticket]) -> bool:
-    """The heap entry is its ticket's current one (a failover re-queues with a new seq)."""
-    return entry[2].state is State.QUEUED and entry[1] == entry[2].seq
 
 
 __all__ = [
