@@ -7,6 +7,7 @@ Module layers, top to bottom; a module imports only from the rows below its own:
     routes       the completion endpoints: one owner per request, HTTP in and out
     response_stream  a chat stream retold as Responses API events
     responses    the Responses API: its request as a chat request, a chat answer as a Response
+    response_items  a Response's output items and usage
     runtime      the long-lived parts    pipeline   two-step tasks (assist) as two serving calls
     serving      one task step: queue, count, call with failover, relay or collect, pause/resume
     calls        one upstream call's pieces         admission  degrade; refuse what cannot make it
@@ -14,13 +15,17 @@ Module layers, top to bottom; a module imports only from the rows below its own:
     dispatch     asyncio glue around the scheduler  resume     continue a paused generation
     sizing       each upstream's window size: fixed, or from its controller and measurements
     history      the status page's last minutes: points sampled into a bounded ring
-    status       /status data    scrape  vLLM's /metrics    shutdown  draining on SIGTERM
-    scheduler    pure queueing, dispatch and preemption decisions   tickets  its vocabulary
+    status       /status data    shutdown  draining on SIGTERM
+    scrape       vLLM's /metrics: its load, its decode pace
+    scheduler    pure queueing, dispatch and preemption decisions
+    preemption   who gives way: shed, late, paused   timers   queued tickets' deadlines
+    tickets      the scheduler's vocabulary: a request's place, a window, the decisions
     auth         API keys and tenant limits   steps   a step and its results   upstreams  health
     input_limit  per-task input budgets       queues  class queues, completion rate
     protocol     OpenAI wire format   chunks  a stream put back together   exchange  a record
     config       the task table   fields  a request's knobs   sse  event framing   outbound  HTTP
     window       the adaptive window controller (pure logic, explicit clock)
-    classes  errors  metrics  settings  breaker  middleware  estimates  recent  window_tuning
+    classes  errors  metrics  settings  breaker  middleware  estimates  recent
+    window_tuning  the adaptive window's settings and reports
     fairness     tenants' token shares of a class (virtual counters) and the stream meter
 """

@@ -84,6 +84,17 @@ class Lifecycle:
         if self.response is not None:
             self.response.abort()
 
+    def arm_deadline(self, deadline: float) -> None:
+        """Close a running stream's upstream connection when its deadline (on the loop's
+        clock) passes; the stream then ends with an in-band deadline error."""
+
+        def on_deadline() -> None:
+            self.exchange.deadline_hit = True
+            if self.response is not None:
+                self.response.abort()
+
+        self.timer = asyncio.get_running_loop().call_at(deadline, on_deadline)
+
     def finish_response(self, *, clean: bool, keep_timer: bool = False) -> None:
         """Done with the upstream response: keep its connection (clean) or drop it."""
         response, self.response = self.response, None

@@ -30,15 +30,8 @@ import orjson
 
 from gateway import sse
 from gateway.errors import GatewayError
-from gateway.responses import (
-    ResponseShape,
-    call_item,
-    message_item,
-    new_id,
-    status_of,
-    text_part,
-    usage_of,
-)
+from gateway.response_items import call_item, message_item, status_of, text_part, usage_of
+from gateway.responses import ResponseShape, new_id
 
 
 @dataclass(slots=True)

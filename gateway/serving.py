@@ -22,8 +22,8 @@ kept), at most once per upstream. Nothing was generated then (vLLM always stream
 After the first event a failure ends the answer (in band, or 502/504 when collected).
 
 Preemption: a pausable step (see :mod:`gateway.resume`) registers its lifecycle's pause with
-the dispatcher; when the scheduler takes its slot back, the call is cut, requeued at its old
-place and resumed from what it had generated.
+the dispatcher; when the scheduler takes its slot back, the call is cut, queued again (see
+:meth:`gateway.scheduler.Scheduler.requeue` for where) and resumed from what it had generated.
 """
 
 from __future__ import annotations
@@ -113,7 +113,7 @@ class Serving:
                     return Answer(await self._collect(life, call, opened), headers)
         except TimeoutError:
             raise self._upstream_deadline(step.task) from None
-        self._arm_deadline(life, ticket.deadline)
+        life.arm_deadline(ticket.deadline)
         return Stream(self._relay(life, call, opened, first_event), headers)
 
     async def _dispatch(
@@ -324,16 +324,6 @@ class Serving:
         if call.progress.segment == 0 and ex.first_byte_at is not None and ex.completion_tokens:
             decode_s = self.now() - ex.first_byte_at
             self.seen.finished(call.step.task.name, decode_s, ex.completion_tokens)
-
-    def _arm_deadline(self, life: Lifecycle, deadline: float) -> None:
-        """Close a running stream's upstream connection when its deadline passes."""
-
-        def on_deadline() -> None:
-            life.exchange.deadline_hit = True
-            if life.response is not None:
-                life.response.abort()
-
-        life.timer = asyncio.get_running_loop().call_at(deadline, on_deadline)
 
     async def _relay(
         self,
