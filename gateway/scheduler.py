@@ -297,7 +297,8 @@ class Scheduler:
 
     def _pick(self, now: float) -> tuple[Ticket, Window] | None:
         for queue in self._queues.values():
-            demote_late(queue, now, self.classes.top_head_start_s)
+            if queue:  # on every dispatch: the empty ones cost nothing
+                demote_late(queue, now, self.classes.top_head_start_s)
         fronts = [(t, q) for q in self._queues.values() if (t := q.front()) is not None]
         for front, queue in sorted(fronts, key=lambda f: (f[0].key, f[0].seq)):
             ticket = queue.head()
