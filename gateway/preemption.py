@@ -58,10 +58,13 @@ def victim(
 ) -> Ticket | None:
     """The running ticket to pause for the best waiting one (the smallest key of the
     classes' ``fronts``), if that one is not late: of a less important class, reclaimable, on
-    a usable upstream, and either behind it in the queue's order even after aging or already
-    answering (so the aging bound, a bound on the wait for an answer to begin, holds); the
-    least important class first, and within it the most recently started (the least work to
-    set aside)."""
+    a usable upstream, and either behind it in the queue's order even after aging, or
+    answering and never paused before. So a request that aged past fresh work is paused at
+    most once for it, after its answer began (the aging bound is a bound on the wait for an
+    answer to begin), and then ages afresh: it finishes within about twice its class's aging
+    bound plus its own service, instead of being paused again each time it comes back (an
+    integration test saw a background request starve that way). The least important class
+    first, and within it the most recently started (the least work to set aside)."""
     waiting = min(fronts, key=lambda t: (t.key, t.seq), default=None)
     if waiting is None or waiting.late:  # a late answer takes a free slot, not a running one's
         return None
@@ -71,7 +74,7 @@ def victim(
         if t.reclaimable
         and not t.preempting
         and t.policy.rank > waiting.policy.rank
-        and (t.key > waiting.key or t.started)
+        and (t.key > waiting.key or (t.started and t.preemptions == 0))
         and t.upstream is not None
         and windows[t.upstream].usable
     ]

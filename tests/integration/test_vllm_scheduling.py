@@ -116,7 +116,10 @@ async def test_no_starvation_under_realtime_saturation(
             },
         },
     )
-    async with start_gateway(vllm, config) as url, httpx.AsyncClient(base_url=url, timeout=60) as c:
+    async with (
+        start_gateway(vllm, config) as url,
+        httpx.AsyncClient(base_url=url, timeout=120) as c,
+    ):
         stop = asyncio.Event()
         statuses: list[int] = []
 
@@ -139,11 +142,14 @@ async def test_no_starvation_under_realtime_saturation(
         stop.set()
         await asyncio.gather(*clients)
         assert r.status_code == 200
-        # Its bound: the 4 s head-start gap plus the realtime queue deadline (20 s), plus margin.
-        assert waited < 4 + 20 + 6, waited
+        # Its bound: the 4 s head-start gap plus the realtime queue deadline (20 s), twice (once
+        # its answer began it may be paused once for realtime work and age afresh), plus
+        # margin. Paused again each time it came back, it waited past 60 s in a CI run.
+        assert waited < 2 * (4 + 20) + 6, waited
         # It went by aging: when it was dispatched, realtime work was still waiting (a boost is
         # counted exactly then), so it did not just find the realtime clients idle.
-        assert await metric(c, 'gateway_priority_boosts_total{priority_class="background"}') == 1
+        boosts = await metric(c, 'gateway_priority_boosts_total{priority_class="background"}')
+        assert boosts in (1, 2)
         # Realtime may miss its own queue deadline: a 504 after waiting, or a 429 at once
         # when the gateway predicts it (early refusal), never anything else.
         assert set(statuses) <= {200, 429, 504}

@@ -752,3 +752,30 @@ def test_a_paused_request_whose_answer_had_not_begun_keeps_its_place() -> None:
     s.dispatch(5.1)
     s.requeue(b, 5.1)
     assert b.key == 0.0 - BATCH.head_start_s
+
+
+def test_a_request_that_aged_past_fresh_work_is_paused_for_it_at_most_once() -> None:
+    """Paused each time it came back, an old request would never finish (an integration
+    test saw a background request starve): once paused, it is paused again only while it is
+    behind the waiting request in the queue's order."""
+    s = scheduler(window=1, classes=UNBOUNDED)
+    b = ticket(BATCH, arrival=0.0, preemptible=True)
+    s.admit(b, 0.0)
+    s.windows["u0"].usable = False
+    s.dispatch(0.0)
+    s.windows["u0"].usable = True
+    assert dispatched(s.dispatch(35.0)) == [b]
+    b.started = True
+    rt = ticket(RT, 36.0)
+    s.admit(rt, 36.0)
+    assert preempted(s.dispatch(36.0)) == [b]
+    s.release(b, 36.1)
+    assert dispatched(s.dispatch(36.1)) == [rt]
+    s.requeue(b, 36.1)
+    s.release(rt, 37.0)
+    s.windows["u0"].usable = False
+    s.dispatch(37.0)
+    s.windows["u0"].usable = True
+    assert dispatched(s.dispatch(70.0)) == [b]  # aged past realtime again (36.1 + 30)
+    s.admit(ticket(RT, 70.5), 70.5)
+    assert preempted(s.dispatch(70.5)) == []
