@@ -40,11 +40,12 @@ def demote_late(queue: ClassQueue[Ticket], now: float, penalty_s: float) -> None
     """Move the class's leading tickets that are late behind every ticket that is not (their
     key moves back by ``penalty_s``, the top head start). Only the tickets that decide the
     next dispatch are checked; the others are when they come to the front."""
-    while True:
-        late = [t for t in (queue.front(), queue.head()) if t is not None and t.late_at <= now]
-        if not late:
-            return
-        ticket = late[0]
+    while True:  # on every dispatch: no allocation while nothing is late
+        ticket = queue.front()
+        if ticket is None or ticket.late_at > now:
+            ticket = queue.head()  # the same ticket unless tenants share the class
+            if ticket is None or ticket.late_at > now:
+                return
 
         def demote(ticket: Ticket = ticket) -> None:
             ticket.late, ticket.late_at = True, math.inf

@@ -560,6 +560,19 @@ def running_batch(s: Scheduler, n: int, start: float = 0.0) -> list[Ticket]:
     return tickets
 
 
+def aged_batch() -> tuple[Scheduler, Ticket]:
+    """A one-slot scheduler running a pausable batch request dispatched at 35 s, after
+    waiting since 0 (its upstream was unusable): priority 45, past fresh realtime's 40."""
+    s = scheduler(window=1, classes=UNBOUNDED)
+    b = ticket(BATCH, arrival=0.0, preemptible=True)
+    s.admit(b, 0.0)
+    s.windows["u0"].usable = False
+    s.dispatch(0.0)
+    s.windows["u0"].usable = True
+    assert dispatched(s.dispatch(35.0)) == [b]
+    return s, b
+
+
 def test_a_pausable_class_uses_its_reserve_and_gives_it_back_on_demand() -> None:
     """Work conserving: batch may fill the window; realtime takes a slot back by preemption,
     from the most recently started batch request, one at a time."""
@@ -605,13 +618,7 @@ def test_a_request_is_paused_at_most_its_class_limit() -> None:
 def test_a_request_aged_past_the_waiting_one_is_not_paused() -> None:
     """The aging bound holds: a batch request that has waited past a fresh realtime
     request's priority keeps its slot."""
-    s = scheduler(window=1, classes=UNBOUNDED)
-    b = ticket(BATCH, arrival=0.0, preemptible=True)
-    s.admit(b, 0.0)
-    s.windows["u0"].usable = False
-    s.dispatch(0.0)
-    s.windows["u0"].usable = True
-    assert dispatched(s.dispatch(35.0)) == [b]  # waited 35 s: priority 45 > realtime's 40
+    s, _ = aged_batch()
     rt = ticket(RT, 35.0)
     s.admit(rt, 35.0)
     assert preempted(s.dispatch(35.0)) == []
@@ -718,13 +725,7 @@ def test_a_paused_request_whose_answer_began_ages_afresh() -> None:
     """A batch request that waited 35 s starts (its priority, 45, beats fresh realtime's 40).
     Once its answer began it can be paused for realtime, and then waits from the pause: a
     fresh chat goes before it, and it is back within its class's gap to the top."""
-    s = scheduler(window=1, classes=UNBOUNDED)
-    b = ticket(BATCH, arrival=0.0, preemptible=True)
-    s.admit(b, 0.0)
-    s.windows["u0"].usable = False
-    s.dispatch(0.0)
-    s.windows["u0"].usable = True
-    assert dispatched(s.dispatch(35.0)) == [b]
+    s, b = aged_batch()
     rt = ticket(RT, 35.5)
     s.admit(rt, 35.5)
     assert preempted(s.dispatch(35.5)) == []  # its answer has not begun: its wait goes on
@@ -758,13 +759,7 @@ def test_a_request_that_aged_past_fresh_work_is_paused_for_it_at_most_once() -> 
     """Paused each time it came back, an old request would never finish (an integration
     test saw a background request starve): once paused, it is paused again only while it is
     behind the waiting request in the queue's order."""
-    s = scheduler(window=1, classes=UNBOUNDED)
-    b = ticket(BATCH, arrival=0.0, preemptible=True)
-    s.admit(b, 0.0)
-    s.windows["u0"].usable = False
-    s.dispatch(0.0)
-    s.windows["u0"].usable = True
-    assert dispatched(s.dispatch(35.0)) == [b]
+    s, b = aged_batch()
     b.started = True
     rt = ticket(RT, 36.0)
     s.admit(rt, 36.0)
