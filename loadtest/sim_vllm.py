@@ -229,6 +229,17 @@ class SimServer:
         self.lost_s = 0.0  # lag forgiven: time the simulated GPU did not get
         self.ttft_sum = 0.0
         self.ttft_count = 0
+        self.listener: asyncio.Server | None = None
+        self.task: asyncio.Task[None] | None = None
+
+    async def aclose(self) -> None:
+        """Stop listening and stop the step loop (tests; the CLI just exits)."""
+        if self.listener is not None:
+            self.listener.close()
+        if self.task is not None:
+            self.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.task
 
     # -- requests -------------------------------------------------------------------------
 
@@ -479,20 +490,16 @@ async def serve(
     servers = []
     for port in ports:
         server = SimServer(costs, policy, model)
-        await loop.create_server(
+        server.listener = await loop.create_server(
             lambda s=server: Connection(s),  # type: ignore[misc]
             host,
             port,
             reuse_address=True,
             backlog=2048,
         )
+        server.task = loop.create_task(server.run())
         servers.append(server)
-        task = loop.create_task(server.run())
-        _tasks.add(task)
     return servers
-
-
-_tasks: set[asyncio.Task[None]] = set()  # the step loops: held so they are not collected
 
 
 async def _main(args: argparse.Namespace) -> None:
