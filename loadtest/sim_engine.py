@@ -81,9 +81,9 @@ PRESETS: dict[str, Costs] = {
     # This machine's CPU vLLM (0.32, 2 cores shared) with Qwen2.5-Coder-0.5B-Instruct,
     # --max-num-seqs 8, fitted to the committed SLO runs (loadtest/sim_calibrate.py).
     "cpu": Costs(
-        base_s=0.040,
-        per_seq_s=0.012,
-        per_prefill_token_s=0.0016,
+        base_s=0.075,
+        per_seq_s=0.0,
+        per_prefill_token_s=0.004,
         per_context_token_s=0.0,
         max_num_seqs=8,
         max_batched_tokens=2048,
