@@ -143,6 +143,9 @@ async def _read_stream(response: aiohttp.ClientResponse, result: Result, sent: f
             if result.outcome != "error":
                 result.outcome = "ok"
             return
+        if result.ttft is not None and b'"usage"' not in data and b'"error"' not in data:
+            continue  # a content chunk after the first: nothing to read (saves the parse at
+            # GPU-scale rates, where the generator shares two cores with what it measures)
         try:
             chunk = json.loads(data)
         except ValueError:

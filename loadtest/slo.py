@@ -143,6 +143,7 @@ class Bench:
 
     def __init__(self, args: argparse.Namespace, plan: Plan) -> None:
         self.args = args
+        self.argv: list[str] = getattr(args, "argv", [])
         self.plan = plan
         self.config: Config = load_config()
         self.mix = parse_mix(args.mix)
@@ -444,7 +445,10 @@ class Bench:
 
         "Others" is the machine's busy time minus this benchmark's processes (vLLM's group,
         the gateway, the load generator), sampled over 5 s. Returns the seconds waited.
+        ``--quiet-wait 0`` skips the check (others' CPU is still recorded per run).
         """
+        if self.args.quiet_wait <= 0:
+            return 0.0
         started = time.monotonic()
         pids = self.vllm_pids()
         while True:
@@ -662,6 +666,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     # A plain SIGTERM would skip the finally that stops vLLM's process group.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if args.replot:
@@ -726,7 +731,11 @@ def build_report(
         "started": started.isoformat(timespec="seconds"),
         "finished": finished.isoformat(timespec="seconds"),
         "wall_min": (finished - started).total_seconds() / 60,
-        "command": "./launch/bench.sh slo " + " ".join(sys.argv[1:]),
+        "command": (
+            "python loadtest/slo.py " + " ".join(bench.argv)
+            if args.upstream == "sim"
+            else "./launch/bench.sh slo " + " ".join(sys.argv[1:])
+        ),
         "machine": asdict(machine),
         "source": bench.source,
         "machine_text": machine.markdown(),
