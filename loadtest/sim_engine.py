@@ -124,7 +124,6 @@ class Seq:
     aborted: bool = False
     finished: bool = False
     preemptions: int = 0
-    first_token_at: float | None = None
 
     @property
     def in_prefill(self) -> bool:
