@@ -89,8 +89,16 @@ def goodput_table(report: Mapping[str, Any]) -> list[dict[str, Any]]:
             "interactive_ttft_p95_s": classes.get("interactive", {}).get("ttft_s", {}).get("p95"),
             "errors": run["accounting"]["error"],
             "cutoff": run["accounting"]["cutoff"],
+            "others_cores": run["cpu"]["others_cores"],
+            "sim_lost_s": (run.get("sim") or {}).get("sim_lost_seconds_total"),
+            "loadgen_max_lag_s": run["max_lag_s"],
         }
     return [table[k] for k in sorted(table)]
+
+
+def _most(row: Mapping[str, Any], key: str) -> float | None:
+    values = [v[key] for c, v in row.items() if c in ("a", "b", "c") and v.get(key) is not None]
+    return max(values) if values else None
 
 
 def median(values: Sequence[float]) -> float | None:
@@ -164,8 +172,8 @@ def markdown(summary: Mapping[str, Any], started: str, finished: str, command: s
             "Total goodput (req/s within SLA) a / b / c, realtime attainment, chat TTFT p95 (s):",
             "",
             "| load | rate/s | goodput a | goodput b | goodput c | c / b | realtime a / b / c "
-            "| chat TTFT p95 a / b / c |",
-            "|---|---|---|---|---|---|---|---|",
+            "| chat TTFT p95 a / b / c | others' cores (max) | sim lost s (max) |",
+            "|---|---|---|---|---|---|---|---|---|---|",
         ]
         for row in data["goodput"]:
             a, b, c = (row.get(k, {}) for k in "abc")
@@ -179,7 +187,8 @@ def markdown(summary: Mapping[str, Any], started: str, finished: str, command: s
                 f"| {f(b.get('goodput_rps'))} | {f(c.get('goodput_rps'))} | {ratio} "
                 f"| {f(a.get('realtime_attainment'))} / {f(b.get('realtime_attainment'))} / "
                 f"{f(c.get('realtime_attainment'))} | {f(a.get('interactive_ttft_p95_s'))} / "
-                f"{f(b.get('interactive_ttft_p95_s'))} / {f(c.get('interactive_ttft_p95_s'))} |"
+                f"{f(b.get('interactive_ttft_p95_s'))} / {f(c.get('interactive_ttft_p95_s'))} "
+                f"| {f(_most(row, 'others_cores'))} | {f(_most(row, 'sim_lost_s'))} |"
             )
         lines += [
             "",
