@@ -6,7 +6,7 @@ on one H100 (preset ``h100-7b``; sources in ``loadtest/README-sim.md``). The gat
 generator and the simulators are real processes sharing this machine's CPU, so what is
 measured for real is the gateway's own cost and where it runs out of CPU.
 
-What one command does (about 13-14 minutes on 2 cores):
+What one command does (about 11 minutes on 2 cores):
 
 1. The cpu preset against the committed real CPU runs (``sim_calibrate.py``: virtual time,
    seconds): the simulator's error, into ``loadtest/results/sim/calibration.md``.
