@@ -6,6 +6,7 @@
 #   ./launch/bench.sh overhead [--rounds 3 | ...]           # the gateway's own cost, wrk + a fake upstream
 #   ./launch/bench.sh soak [--minutes 60 | ...]             # memory and FDs under mixed load, tiny model
 #   ./launch/bench.sh soak --upstream fake                  # the same against a fast fake (no vLLM)
+#   ./launch/bench.sh sim [--servers 1,4 | ...]             # GPU scale, SIMULATED vLLMs (no model)
 #
 # Each prints its results and where it wrote them; `--help` after the name lists its options.
 set -euo pipefail
@@ -13,7 +14,7 @@ set -euo pipefail
 cd "$ROOT"
 
 name=${1:-}
-[ -n "$name" ] || fail "choosing a benchmark" "name one: slo, overhead or soak"
+[ -n "$name" ] || fail "choosing a benchmark" "name one: slo, overhead, soak or sim"
 shift
 
 ensure_gateway_venv
@@ -36,6 +37,9 @@ case $name in
     overhead)
         command -v wrk >/dev/null || apt_install wrk
         ;;
-    *) fail "choosing a benchmark" "unknown benchmark '$name' (slo, overhead, soak)" ;;
+    sim) # simulated vLLMs in loadtest/: no vLLM, no model (loadtest/README-sim.md)
+        exec "$VENV/bin/python" loadtest/sim_bench.py "$@"
+        ;;
+    *) fail "choosing a benchmark" "unknown benchmark '$name' (slo, overhead, soak, sim)" ;;
 esac
 exec "$VENV/bin/python" "loadtest/$name.py" "$@"

@@ -2,6 +2,14 @@
 
     ./launch/bench.sh slo            # the full run, ~25 min on 2 cores
     ./launch/bench.sh slo --quick    # a ~6 min version for trying it out
+    python loadtest/slo.py --upstream sim --preset h100-7b --servers 4   # SIMULATED vLLM
+
+With ``--upstream sim`` the servers are simulated vLLMs (``loadtest/sim_vllm.py``: no model,
+tokens timed by a model of continuous batching; see ``loadtest/README-sim.md``), ``--servers``
+of them in one process; a and b spread requests over them round-robin, the gateway gets
+them all as its upstreams. Capacity is then the model's own (a virtual-time closed loop at
+``max_num_seqs`` per server), and runs are shorter (``SIM``). ``./launch/bench.sh sim``
+runs this at one and four servers (``loadtest/sim_bench.py``).
 
 One vLLM (the real default model, ``--max-num-seqs 8``) serves three configurations in one
 run, replaying the same open-loop Poisson trace (arrival times, prompts, seeds) for each:
@@ -48,6 +56,8 @@ if str(ROOT) not in sys.path:  # run as a script: make `loadtest.*` importable
 from gateway.config import Config, load_config  # noqa: E402
 from loadtest import slo_report  # noqa: E402
 from loadtest.openloop import Result, run_closed, run_trace  # noqa: E402
+from loadtest.sim_calibrate import capacity as sim_capacity  # noqa: E402
+from loadtest.sim_engine import PRESETS  # noqa: E402
 from loadtest.stack import (  # noqa: E402
     Server,
     cpu_seconds,
@@ -55,6 +65,7 @@ from loadtest.stack import (  # noqa: E402
     gateway_server,
     load_average,
     machine_busy_seconds,
+    sim_server,
     source_state,
     vllm_server,
 )
@@ -114,6 +125,17 @@ QUICK = replace(
     capacity_warmup_s=10,
     budget_s=8 * 60,
 )
+#: GPU-scale rates with a simulated vLLM: hundreds of requests a second on two cores, so
+#: shorter runs (each still holds thousands of requests).
+SIM = replace(
+    FULL,
+    duration_s=15,
+    warmup_s=5,
+    drain_s=10,
+    capacity_s=60,
+    capacity_warmup_s=15,
+    budget_s=14 * 60,
+)
 
 
 class Bench:
@@ -121,6 +143,7 @@ class Bench:
 
     def __init__(self, args: argparse.Namespace, plan: Plan) -> None:
         self.args = args
+        self.argv: list[str] = getattr(args, "argv", [])
         self.plan = plan
         self.config: Config = load_config()
         self.mix = parse_mix(args.mix)
@@ -130,6 +153,9 @@ class Bench:
         self.source = source_state()  # at the start: others may edit the gateway meanwhile
         self.vllm: Server | None = None
         self.vllm_url: str = args.vllm_url or f"http://127.0.0.1:{args.port}"
+        self.vllm_urls = [self.vllm_url]
+        if args.upstream == "sim":
+            self.vllm_urls = [f"http://127.0.0.1:{args.port + i}" for i in range(args.servers)]
         self.model_id = ""
         self.runs: list[dict[str, Any]] = []
         self.requests: list[dict[str, Any]] = []
@@ -139,6 +165,21 @@ class Bench:
     def start_vllm(self) -> None:
         if self.args.vllm_url:
             print(f"using the running vLLM at {self.vllm_url}", flush=True)
+        elif self.args.upstream == "sim":
+            self.vllm = sim_server(
+                self.args.port,
+                self.args.servers,
+                self.args.preset,
+                self.args.max_num_seqs,
+                self.args.sim_speed,
+                self.logs / "sim-vllm.log",
+            ).start()
+            print(
+                f"starting {self.args.servers} simulated vLLM(s) (pid {self.vllm.pid})", flush=True
+            )
+            self.vllm.wait_ready("/health", timeout_s=60)
+            for url in self.vllm_urls[1:]:
+                _wait_health(url)
         else:
             self.vllm = vllm_server(
                 self.args.model,
@@ -189,13 +230,15 @@ class Bench:
         """Let aborted or leftover requests clear so the next run starts from an empty vLLM."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            with urllib.request.urlopen(self.vllm_url + "/metrics", timeout=10) as r:
-                text = r.read().decode()
-            busy = sum(
-                float(line.rsplit(" ", 1)[1])
-                for line in text.splitlines()
-                if line.startswith(("vllm:num_requests_running", "vllm:num_requests_waiting"))
-            )
+            busy = 0.0
+            for url in self.vllm_urls:
+                with urllib.request.urlopen(url + "/metrics", timeout=10) as r:
+                    text = r.read().decode()
+                busy += sum(
+                    float(line.rsplit(" ", 1)[1])
+                    for line in text.splitlines()
+                    if line.startswith(("vllm:num_requests_running", "vllm:num_requests_waiting"))
+                )
             if busy == 0:
                 return
             time.sleep(1)
@@ -229,6 +272,20 @@ class Bench:
         if self.args.capacity:
             return {"rate_rps": self.args.capacity, "measured": False}
         p = self.plan
+        if self.args.upstream == "sim":
+            costs = PRESETS[self.args.preset].scaled(self.args.sim_speed)
+            costs = replace(costs, max_num_seqs=self.args.max_num_seqs)
+            one = sim_capacity(costs, self.config, self.args.mix, p.seed)
+            rate = one * self.args.servers
+            print(f"capacity (simulated): {rate:.1f} requests/s ({one:.1f} per server)", flush=True)
+            return {
+                "rate_rps": round(rate, 3),
+                "per_server_rps": round(one, 3),
+                "measured": False,
+                "method": f"the simulator's own model in virtual time: a closed loop of "
+                f"{self.args.max_num_seqs} in flight per server (FCFS), completions from 15 s "
+                f"to 75 s, times {self.args.servers} server(s)",
+            }
         concurrency = self.args.max_num_seqs
         total = p.capacity_warmup_s + p.capacity_s
         print(f"measuring capacity: {concurrency} in flight for {total:g} s...", flush=True)
@@ -266,8 +323,8 @@ class Bench:
         try:
             if cfg in ("c", "d"):
                 gateway = gateway_server(
-                    self.args.port + 1,
-                    self.vllm_url,
+                    self.gateway_port,
+                    ",".join(self.vllm_urls),
                     self.args.window,
                     self.logs / f"gateway-{cfg}-{level:g}-{repeat}.log",
                     self.args.tuned_tasks if cfg == "d" else None,
@@ -278,6 +335,8 @@ class Bench:
                 watch = GatewayWatch(gateway.url)
             else:
                 url = self.vllm_url + CHAT
+            urls = [url] if gateway else [u + CHAT for u in self.vllm_urls]
+            sim0 = self.sim_counters()
             vllm_pids = self.vllm_pids()
             waited = self.wait_quiet(gateway)
             load_start = load_average()
@@ -289,9 +348,10 @@ class Bench:
                 flush=True,
             )
             with watch or contextlib.nullcontext():
-                results = asyncio.run(run_trace(url, trace, self.body_for(cfg, prefix), p.drain_s))
+                results = asyncio.run(run_trace(urls, trace, self.body_for(cfg, prefix), p.drain_s))
             wall = time.monotonic() - wall0
             cpu1 = self._cpu_sample(vllm_pids, gateway)
+            sim1 = self.sim_counters()
         finally:
             if gateway is not None:
                 gateway.stop()
@@ -328,6 +388,12 @@ class Bench:
                 ),
             },
             "gateway": watch.summary(wall) if watch is not None else None,
+            "tokens": {
+                "completion": sum(r.completion_tokens or 0 for r in results),
+                "streamed": sum(r.completion_tokens or 0 for r in results if LOADS[r.task].stream),
+                "ok": sum(r.outcome == "ok" for r in results),
+            },
+            "sim": {k: round(sim1[k] - sim0.get(k, 0.0), 3) for k in sim1} if sim1 else None,
             "accounting": accounting,
             "accounting_measured": slo_report.accounting(measured),
             "classes": classes,
@@ -344,6 +410,28 @@ class Bench:
         )
         self.wait_vllm_idle()
 
+    @property
+    def gateway_port(self) -> int:
+        port: int = self.args.port
+        return port + (self.args.servers if self.args.upstream == "sim" else 1)
+
+    def sim_counters(self) -> dict[str, float]:
+        """The simulators' own counters, summed: steps run late, time lost (see sim_vllm)."""
+        if self.args.upstream != "sim":
+            return {}
+        totals: dict[str, float] = {}
+        for url in self.vllm_urls:
+            try:
+                with urllib.request.urlopen(url + "/metrics", timeout=10) as r:
+                    text = r.read().decode()
+            except OSError:
+                continue
+            for line in text.splitlines():
+                if line.startswith("sim_"):
+                    name = line.split("{", 1)[0]
+                    totals[name] = totals.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
+        return totals
+
     def results_by_run(self) -> dict[tuple[str, float, int], list[Result]]:
         by_run: dict[tuple[str, float, int], list[Result]] = {}
         names = {f.name for f in dataclasses.fields(Result)}
@@ -357,7 +445,10 @@ class Bench:
 
         "Others" is the machine's busy time minus this benchmark's processes (vLLM's group,
         the gateway, the load generator), sampled over 5 s. Returns the seconds waited.
+        ``--quiet-wait 0`` skips the check (others' CPU is still recorded per run).
         """
+        if self.args.quiet_wait <= 0:
+            return 0.0
         started = time.monotonic()
         pids = self.vllm_pids()
         while True:
@@ -446,6 +537,18 @@ class GatewayWatch:
         }
 
 
+def _wait_health(url: str, timeout_s: float = 30) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=2):
+                return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
 def others_cpu(before: dict[str, float], after: dict[str, float]) -> float:
     """CPU seconds used between two samples by processes that are not the benchmark's."""
     ours = sum(after[k] - before[k] for k in ("loadgen", "gateway", "vllm"))
@@ -475,7 +578,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--capacity", type=float, help="skip measuring; use this many requests/s")
     p.add_argument("--mix", default=DEFAULT_MIX, help=f"task weights [{DEFAULT_MIX}]")
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"model folder [{DEFAULT_MODEL}]")
-    p.add_argument("--max-num-seqs", type=int, default=8, help="vLLM's --max-num-seqs [8]")
+    p.add_argument("--max-num-seqs", type=int, help="vLLM's --max-num-seqs [8; sim: the preset's]")
     p.add_argument("--window", type=int, help="the gateway's --window [= max-num-seqs]")
     p.add_argument(
         "--gateway-extra", default="", help="extra gateway flags, e.g. '--window-mode fixed'"
@@ -495,6 +598,17 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--quiet-wait", type=float, default=120, help="...but at most this long [120]")
     p.add_argument("--vllm-url", help="use this running vLLM instead of starting one")
+    p.add_argument(
+        "--upstream",
+        choices=("vllm", "sim"),
+        default="vllm",
+        help="vllm: the real CPU vLLM; sim: SIMULATED vLLMs (loadtest/sim_vllm.py) [vllm]",
+    )
+    p.add_argument(
+        "--preset", choices=sorted(PRESETS), default="h100-7b", help="the simulator's [h100-7b]"
+    )
+    p.add_argument("--servers", type=int, default=1, help="simulated vLLMs behind one gateway [1]")
+    p.add_argument("--sim-speed", type=float, default=1.0, help="simulated engine speed [1.0]")
     p.add_argument("--vllm-extra", default="", help="extra vLLM flags, e.g. --enforce-eager")
     p.add_argument(
         "--omp-bind",
@@ -512,16 +626,26 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--note", action="append", default=[], help="a remark for the report (repeatable)"
     )
     args = p.parse_args(argv)
+    sim = args.upstream == "sim"
+    if args.max_num_seqs is None:
+        args.max_num_seqs = PRESETS[args.preset].max_num_seqs if sim else 8
     args.window = args.window or args.max_num_seqs
     args.vllm_extra = shlex.split(args.vllm_extra)
     args.gateway_extra = shlex.split(args.gateway_extra)
-    if not 19200 <= args.port <= 19298:
+    if sim:
+        if args.port == 19210:  # the default: the simulators live in 19700-19799
+            args.port = 19710
+        if not (args.port >= 19700 and args.port + args.servers <= 19799):
+            p.error("with --upstream sim, ports port .. port+servers must be in 19700-19799")
+        if args.out == ROOT / "loadtest" / "results":
+            args.out = ROOT / "loadtest" / "results" / "sim"
+    elif not 19200 <= args.port <= 19298:
         p.error("--port must be in 19200-19298 (the gateway takes port + 1)")
     return args
 
 
 def make_plan(args: argparse.Namespace) -> Plan:
-    plan = QUICK if args.quick else FULL
+    plan = QUICK if args.quick else SIM if args.upstream == "sim" else FULL
     changes: dict[str, Any] = {}
     if args.levels:
         changes["levels"] = tuple(float(x) for x in args.levels.split(","))
@@ -542,6 +666,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     # A plain SIGTERM would skip the finally that stops vLLM's process group.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if args.replot:
@@ -606,7 +731,11 @@ def build_report(
         "started": started.isoformat(timespec="seconds"),
         "finished": finished.isoformat(timespec="seconds"),
         "wall_min": (finished - started).total_seconds() / 60,
-        "command": "./launch/bench.sh slo " + " ".join(sys.argv[1:]),
+        "command": (
+            "python loadtest/slo.py " + " ".join(bench.argv)
+            if args.upstream == "sim"
+            else "./launch/bench.sh slo " + " ".join(sys.argv[1:])
+        ),
         "machine": asdict(machine),
         "source": bench.source,
         "machine_text": machine.markdown(),
@@ -614,7 +743,17 @@ def build_report(
             **{k: v for k, v in asdict(plan).items()},
             "mix": args.mix,
             "shapes": shapes,
-            "model": args.model if not args.vllm_url else f"{bench.model_id} (at {args.vllm_url})",
+            "model": (
+                f"SIMULATED vLLM, preset {args.preset} x {args.servers} server(s) "
+                f"(loadtest/sim_vllm.py; no model runs)"
+                if args.upstream == "sim"
+                else args.model
+                if not args.vllm_url
+                else f"{bench.model_id} (at {args.vllm_url})"
+            ),
+            "upstream": args.upstream,
+            "servers": args.servers,
+            "preset": args.preset if args.upstream == "sim" else None,
             "max_num_seqs": args.max_num_seqs,
             "window": args.window,
             "vllm_extra": args.vllm_extra,

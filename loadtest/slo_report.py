@@ -356,17 +356,24 @@ def markdown(report: Mapping[str, Any]) -> str:
         )
         + ".",
         "",
-        f"**Model:** {settings['model']} on vLLM's CPU build, `--max-num-seqs "
-        f"{settings['max_num_seqs']}`, gateway `--window {settings['window']}`, "
-        f"flags from `launch/vllm.sh` (priority scheduling, prefix caching)"
-        + (f", extra {settings['vllm_extra']}" if settings["vllm_extra"] else "")
-        + (
-            f", VLLM_CPU_KVCACHE_SPACE={settings['kv_cache_gib']}"
-            f", VLLM_CPU_OMP_THREADS_BIND={settings['omp_bind']}"
-            if "omp_bind" in settings
-            else ""
-        )
-        + ".",
+        (
+            f"**Model:** {settings['model']}, `--max-num-seqs {settings['max_num_seqs']}` per "
+            f"server, priority scheduling, gateway `--window {settings['window']}`. "
+            "**SIMULATED upstreams** (see loadtest/README-sim.md): the gateway, the load "
+            "generator and the simulators are real processes on this machine's CPUs."
+            if settings.get("upstream") == "sim"
+            else f"**Model:** {settings['model']} on vLLM's CPU build, `--max-num-seqs "
+            f"{settings['max_num_seqs']}`, gateway `--window {settings['window']}`, "
+            f"flags from `launch/vllm.sh` (priority scheduling, prefix caching)"
+            + (f", extra {settings['vllm_extra']}" if settings["vllm_extra"] else "")
+            + (
+                f", VLLM_CPU_KVCACHE_SPACE={settings['kv_cache_gib']}"
+                f", VLLM_CPU_OMP_THREADS_BIND={settings['omp_bind']}"
+                if "omp_bind" in settings
+                else ""
+            )
+            + "."
+        ),
         "",
         "**Workload:** open-loop Poisson arrivals, the same trace (times, prompts, seeds) for "
         f"every configuration at a level; mix {settings['mix']} by request count; "

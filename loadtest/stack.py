@@ -166,6 +166,19 @@ def fake_upstream(
     return Server("fake upstream", argv, f"http://127.0.0.1:{port}", log_path, group=False)
 
 
+def sim_server(
+    port: int, servers: int, preset: str, max_num_seqs: int, speed: float, log_path: Path
+) -> Server:
+    """``servers`` simulated vLLMs (loadtest/sim_vllm.py) on ports ``port`` and up, one
+    process in its own group (stopped like vLLM)."""
+    argv = [
+        sys.executable, str(ROOT / "loadtest" / "sim_vllm.py"), "--port", str(port),
+        "--servers", str(servers), "--preset", preset, "--max-num-seqs", str(max_num_seqs),
+        "--speed", str(speed), "--model", f"sim-{preset}",
+    ]  # fmt: skip
+    return Server("simulated vLLM", argv, f"http://127.0.0.1:{port}", log_path, group=True)
+
+
 def cpu_seconds(pid: int) -> float:
     """User + system CPU seconds of a process so far (``/proc/PID/stat`` utime + stime)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
