@@ -177,8 +177,12 @@ async def test_an_openai_agent_on_the_default_responses_model_calls_its_tool(
             instructions="Answer with the weather tool.",
             tools=[weather],
             model=OpenAIResponsesModel(model="chat", openai_client=c),
-            # Required for the first turn; the SDK resets it to auto after a tool call.
+            # Required for the first turn; the SDK resets it to auto after a tool call. Greedy:
+            # a sampled answer on random weights sometimes wrote arguments that were not JSON
+            # (vLLM then coerces them to {} and the SDK cannot call the tool; seen in a
+            # fresh-clone run), which made the test a draw; greedy makes it one answer.
             model_settings=ModelSettings(
+                temperature=0.0,
                 tool_choice="required",
                 parallel_tool_calls=False,
                 max_tokens=64,
