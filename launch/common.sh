@@ -25,12 +25,13 @@ fail() {
     exit 1
 }
 
-# Debian packages the test tiers use: promtool (rule tests, a real Prometheus) and Chromium
-# (the status page test). Installed once, as root (CI runs as root) or through sudo.
+# Debian packages the test tiers use: promtool (rule tests, a real Prometheus), Chromium
+# (the status page test) and redis-server (several gateways sharing state, issue 13). Installed once, as root (CI runs as root) or through sudo.
 ensure_system_packages() {
     local missing=()
     command -v promtool >/dev/null || missing+=(prometheus)
     command -v chromium >/dev/null || missing+=(chromium)
+    command -v redis-server >/dev/null || missing+=(redis-server)
     apt_install "${missing[@]}"
 }
 
