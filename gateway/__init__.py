@@ -13,6 +13,7 @@ Module layers, top to bottom; a module imports only from the rows below its own:
     calls        one upstream call's pieces         admission  degrade; refuse what cannot make it
     lifecycle    the owner of a request's resources and its record
     dispatch     asyncio glue around the scheduler  resume     continue a paused generation
+    shared_limits  tenants' limits across gateways (Redis)  leases  windows split across gateways
     sizing       each upstream's window size: fixed, or from its controller and measurements
     history      the status page's last minutes: points sampled into a bounded ring
     status       /status data    shutdown  draining on SIGTERM
@@ -26,6 +27,6 @@ Module layers, top to bottom; a module imports only from the rows below its own:
     config       the task table   fields  a request's knobs   sse  event framing   outbound  HTTP
     window       the adaptive window controller (pure logic, explicit clock)
     classes  errors  metrics  settings  breaker  middleware  estimates  recent
-    window_tuning  the adaptive window's settings and reports
+    window_tuning  the adaptive window's settings and reports    shared  the Redis link
     fairness     tenants' token shares of a class (virtual counters) and the stream meter
 """

@@ -75,6 +75,7 @@ def create_app(
             runtime.serving,
             drain,
             runtime.metrics,
+            runtime.limits,
             clock=runtime.dispatcher.now,
             release=runtime.dispatcher.release,
             record=partial(_record, runtime),

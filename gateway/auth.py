@@ -126,6 +126,13 @@ class Tenant:
             self.requests.take(now, 1.0)
         self.active += 1
 
+    def undo_admit(self, now: float) -> None:
+        """Give back what :meth:`admit` took: the request was refused after all (by the
+        limits shared with other gateways, see gateway.shared_limits)."""
+        self.active -= 1
+        if self.requests is not None:
+            self.requests.take(now, -1.0)
+
     def done(self, now: float, tokens: int) -> None:
         self.active -= 1
         if self.tokens is not None and tokens:

@@ -26,6 +26,8 @@ class Dispatcher:
         self._pausers: dict[Ticket, Callable[[], None]] = {}
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
+        #: Told after every dispatch round (the window leases follow demand, gateway.leases).
+        self.after_pump: Callable[[], None] | None = None
 
     def now(self) -> float:
         return self._loop.time()
@@ -105,6 +107,8 @@ class Dispatcher:
             else:
                 self._expire(item)
         self._arm_timer()
+        if self.after_pump is not None:
+            self.after_pump()
 
     def _expire(self, expiry: Expiry) -> None:
         ticket = expiry.ticket

@@ -9,7 +9,7 @@ shutdown), or a bug. For a stream the block lives in the ASGI callable that send
 (:mod:`gateway.routes`), so it exits even if no chunk was ever produced.
 
     async with Lifecycle(exchange, clock, release=..., record=...) as life:
-        life.admit(tenant)            # counted against the tenant until the block exits
+        life.hold(grant)              # counted against the tenant until the block exits
         life.ticket = ticket          # released from its window when the block exits
         life.response = response      # aborted (vLLM frees its KV cache) unless finished
         ...
@@ -28,11 +28,11 @@ from collections.abc import Callable
 from types import TracebackType
 from typing import Protocol
 
-from gateway.auth import Tenant
 from gateway.errors import GatewayError
 from gateway.exchange import Exchange, outcome_for
 from gateway.fairness import Meter
 from gateway.scheduler import Ticket
+from gateway.shared_limits import Grant
 
 log = logging.getLogger("gateway.lifecycle")
 
@@ -66,16 +66,16 @@ class Lifecycle:
         self.timer: asyncio.TimerHandle | None = None
         self.paused = False  # the scheduler took the slot back; the call is being cut
         self.meter: Meter | None = None  # charges the current step's tokens to the tenant
-        self._tenant: Tenant | None = None
+        self._grant: Grant | None = None
         self._clock = clock
         self._release = release
         self._record = record
         self._closed = False
 
-    def admit(self, tenant: Tenant) -> None:
-        """Count the request against the tenant's limits (RateLimited if over one)."""
-        tenant.admit(self._clock())
-        self._tenant = tenant
+    def hold(self, grant: Grant) -> None:
+        """The request's hold on its tenant's limits (:meth:`SharedLimits.admit`), given
+        back when the block exits."""
+        self._grant = grant
 
     def pause(self) -> None:
         """Cut the upstream call so its slot can be taken back (see gateway.resume); the
@@ -146,9 +146,9 @@ class Lifecycle:
                 self.release_ticket()
             finally:
                 try:
-                    if self._tenant is not None:
+                    if self._grant is not None:
                         tokens = (ex.prompt_tokens or 0) + (ex.completion_tokens or 0)
-                        self._tenant.done(self._clock(), tokens)
+                        self._grant.done(self._clock(), tokens)
                 finally:
                     self._record(ex)
 

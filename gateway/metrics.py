@@ -171,6 +171,7 @@ class Metrics:
         for result in RELOAD_RESULTS:
             self.reloads.labels(result)
         self.on_request: RequestHook | None = None
+        self.window_lease: Gauge | None = None  # only with Redis (watch_lease)
         self.preinitialise(tasks, classes, upstreams)
 
     def preinitialise(
@@ -234,6 +235,26 @@ class Metrics:
         scheduler's own counts at scrape time: charging a tenant costs no metric update.
         Tenants come from the keys file, so the series are bounded."""
         self.registry.register(_ServiceCollector(read))
+
+    def watch_redis(self) -> Gauge:
+        """``gateway_redis_up``, exported only when the gateway is given a Redis."""
+        return Gauge(
+            "gateway_redis_up",
+            "1 while the Redis shared with other gateways answers, 0 while this gateway "
+            "serves on its own limits and windows.",
+            registry=self.registry,
+        )
+
+    def watch_lease(self, upstream: str, lease: Callable[[], float]) -> None:
+        """Slots of the upstream's window this gateway holds (with Redis; -1 while it is down)."""
+        if self.window_lease is None:
+            self.window_lease = Gauge(
+                "gateway_window_lease",
+                "Slots of the upstream's window this gateway holds, shared through Redis "
+                "(-1: Redis is down and the whole window is this gateway's).",
+                ["upstream"], registry=self.registry,
+            )  # fmt: skip
+        self.window_lease.labels(upstream).set_function(lease)
 
     def watch_breaker(self, upstream: str, state: Callable[[], float]) -> None:
         """Read the breaker at scrape time: open turns half-open by the clock, not by an event."""

@@ -51,6 +51,7 @@ from gateway.responses import ResponseShape
 from gateway.runtime import Tables
 from gateway.scheduler import Ticket
 from gateway.serving import Serving
+from gateway.shared_limits import SharedLimits
 from gateway.shutdown import Drain
 from gateway.steps import Answer, Budget, Step, Stream
 
@@ -78,6 +79,7 @@ class Completions:
         serving: Serving,
         drain: Drain,
         metrics: Metrics,
+        limits: SharedLimits,
         *,
         clock: Callable[[], float],
         release: Callable[[Ticket], None],
@@ -88,6 +90,7 @@ class Completions:
         self._serving = serving
         self._drain = drain
         self._metrics = metrics
+        self._limits = limits
         self._clock = clock
         self._release = release
         self._record = record
@@ -155,7 +158,7 @@ class Completions:
         check_for_task(task, request, config.tasks)
         ex.stream = request.stream
         try:
-            life.admit(tenant)
+            life.hold(await self._limits.admit(tenant))
         except RateLimited as exc:
             self._metrics.rejections.labels(policy.name, exc.code or "rate_limited").inc()
             raise

@@ -21,6 +21,7 @@ from prometheus_client import CollectorRegistry
 from gateway.auth import KeyRing, load_keyring
 from gateway.config import Config, ConfigError, load_config
 from gateway.dispatch import Dispatcher
+from gateway.leases import Leases
 from gateway.metrics import Metrics
 from gateway.outbound import Limits, Timeouts, UpstreamClient
 from gateway.recent import Recent
@@ -28,6 +29,8 @@ from gateway.scheduler import Scheduler, Window
 from gateway.scrape import Scraper, VllmLoad
 from gateway.serving import Serving
 from gateway.settings import Settings
+from gateway.shared import RedisLink
+from gateway.shared_limits import SharedLimits
 from gateway.sizing import Sizing
 from gateway.status import Status
 from gateway.upstreams import Upstream, Upstreams, upstream_name
@@ -56,6 +59,9 @@ class Runtime:
     sizing: Sizing
     serving: Serving
     status: Status
+    limits: SharedLimits
+    link: RedisLink | None = None  # with --redis
+    leases: Leases | None = None
 
     @property
     def config(self) -> Config:
@@ -170,6 +176,10 @@ def build_runtime(
         metrics.watch_window(window.name, partial(getattr, window, "size"))
         metrics.watch_breaker(window.name, partial(upstreams.breaker_state, window.name))
     serving = Serving(dispatcher, upstreams, client, metrics, sizing)
+    link = leases = None
+    if settings.redis_url:
+        link, leases = _share(settings.redis_url, metrics, scheduler, dispatcher)
+    limits = SharedLimits(dispatcher.now, link, lambda: tables.keys.tenants.values())
     return Runtime(
         settings,
         tables,
@@ -182,7 +192,27 @@ def build_runtime(
         sizing,
         serving,
         status,
+        limits,
+        link,
+        leases,
     )
+
+
+def _share(
+    url: str, metrics: Metrics, scheduler: Scheduler, dispatcher: Dispatcher
+) -> tuple[RedisLink, Leases]:
+    """The Redis link and the window leases: state shared with the other gateways."""
+    redis_up = metrics.watch_redis()
+    link = RedisLink(url, on_change=lambda up: redis_up.set(1 if up else 0))
+    leases = Leases(link, scheduler.windows, lambda: scheduler.queued, dispatcher.kick)
+    dispatcher.after_pump = leases.wake
+    for window in scheduler.windows.values():
+        metrics.watch_lease(window.name, partial(_lease, window))
+    return link, leases
+
+
+def _lease(window: Window) -> float:
+    return -1.0 if window.lease is None else float(window.lease)
 
 
 def _class_capacity(scheduler: Scheduler, pclass: str) -> int:
@@ -202,11 +232,15 @@ def _service(scheduler: Scheduler) -> Iterator[tuple[str, str, float]]:
 def start_background(runtime: Runtime) -> list[asyncio.Task[None]]:
     """Start the loops that watch the upstreams (health checks, metrics scraping) and size
     their windows."""
-    return [
+    tasks = [
         asyncio.create_task(runtime.upstreams.run(), name="upstream-health"),
         asyncio.create_task(runtime.scraper.run(), name="upstream-metrics"),
         asyncio.create_task(runtime.sizing.run(), name="window-sizing"),
     ]
+    if runtime.link is not None and runtime.leases is not None:
+        tasks.append(asyncio.create_task(runtime.link.run(), name="redis-link"))
+        tasks.append(asyncio.create_task(runtime.leases.run(), name="window-leases"))
+    return tasks
 
 
 async def close_runtime(runtime: Runtime, background: Iterable[asyncio.Task[None]] = ()) -> None:
@@ -214,4 +248,7 @@ async def close_runtime(runtime: Runtime, background: Iterable[asyncio.Task[None
     for task in tasks:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
+    await runtime.limits.drain()
+    if runtime.link is not None:
+        await runtime.link.close()  # its shares go back now, not after the TTL
     await runtime.client.close()

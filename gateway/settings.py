@@ -44,6 +44,7 @@ class Settings:
     shutdown_grace_s: float = 30.0
     access_log: bool = True
     log_level: str = "info"
+    redis_url: str | None = None  # shared state between gateways (gateway.shared)
 
 
 _ENV = {
@@ -61,6 +62,7 @@ _ENV = {
     "shutdown_grace": "GATEWAY_SHUTDOWN_GRACE",
     "access_log": "GATEWAY_ACCESS_LOG",
     "log_level": "GATEWAY_LOG_LEVEL",
+    "redis": "GATEWAY_REDIS_URL",
 }
 
 
@@ -106,6 +108,12 @@ def parse_settings(
     )
     opt("access_log", "on" if d.access_log else "off", "JSON access log: on or off")
     opt("log_level", d.log_level, "debug, info, warning or error")
+    opt(
+        "redis",
+        None,
+        "Redis URL (redis://host:6379/0) shared by several gateways: global tenant limits "
+        "and one window per upstream split between them; default none (all state local)",
+    )
     a = p.parse_args(argv)
     upstreams = tuple(u.strip().rstrip("/") for u in a.upstreams.split(",") if u.strip())
     if not upstreams:
@@ -117,6 +125,9 @@ def parse_settings(
         p.error("--window-mode must be adaptive or fixed")
     if not (math.isfinite(a.shutdown_grace) and a.shutdown_grace >= 0):
         p.error("--shutdown-grace must be a number of seconds, zero or more")
+    redis_url = a.redis.strip() if a.redis else None
+    if redis_url and not redis_url.startswith(("redis://", "rediss://", "unix://")):
+        p.error("--redis must be a redis://, rediss:// or unix:// URL")
     return Settings(
         host=a.host,
         port=a.port,
@@ -133,4 +144,5 @@ def parse_settings(
         shutdown_grace_s=a.shutdown_grace,
         access_log=str(a.access_log).lower() in ("on", "1", "true", "yes"),
         log_level=a.log_level,
+        redis_url=redis_url or None,
     )

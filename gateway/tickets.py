@@ -130,6 +130,10 @@ class Window:
     sharing one vLLM thus see each other's work. It must not include our own requests: the
     scraped count is up to a scrape interval old, and counting our finished requests in it
     would hold the window shut.
+
+    With Redis (:mod:`gateway.leases`) the gateways split the window exactly instead: ``lease``
+    is how many slots this gateway holds (it dispatches only into those) and ``shared`` how
+    many the other gateways hold. ``lease`` is None without Redis, or while it is down.
     """
 
     name: str
@@ -137,10 +141,16 @@ class Window:
     inflight: int = 0
     external: int = 0
     usable: bool = True
+    lease: int | None = None
+    shared: int = 0
 
     @property
     def occupied(self) -> int:
-        return self.inflight + self.external
+        return self.inflight + max(self.external, self.shared)
 
     def has_room(self, reserved: int) -> bool:
-        return self.usable and self.occupied < self.size - reserved
+        return (
+            self.usable
+            and self.occupied < self.size - reserved
+            and (self.lease is None or self.inflight < self.lease)
+        )

@@ -1,0 +1,155 @@
+"""Each upstream's window, split between the gateways that share it (``--redis``).
+
+Alone, a gateway puts at most its window on an upstream. Several gateways in front of one
+vLLM would each do so, N windows in all, unless they agree. Here they agree through Redis,
+on slot *leases*: a gateway dispatches to an upstream only into slots it holds
+(:attr:`Window.lease`), and the slots every gateway holds never add up to more than the window.
+So N gateways never put more on a vLLM than its window, exactly, whatever their timing; the
+scraped estimate of other gateways' load (:mod:`gateway.scrape`, approximate at refill
+boundaries) is kept only for clients that are not gateways.
+
+A gateway asks for what it can use, ``want`` = in flight + queued (at most the window), and
+one script grants it atomically:
+
+- **Fair when short.** Every gateway's want is stored; the window is divided by water-filling
+  (max-min fairness: nobody gets more than it wants, the rest split evenly). Slots another
+  gateway is owed (its share, wanted and not yet held) are not granted to anyone else.
+- **Work conserving.** Slots nobody is owed go to whoever wants them, and a gateway keeps
+  idle slots while nobody else is short, so a lone gateway does not pay a Redis round trip
+  per request.
+- **Nothing running is taken back.** A gateway never holds fewer slots than it has requests
+  in flight; when it holds more than its share, it gives slots back as its requests finish.
+
+Leases are renewed by every sync (a few times a second while a gateway is short or has
+changed, every ``idle_s`` otherwise) and expire with the gateway's liveness
+(:mod:`gateway.shared`): a SIGKILLed gateway's slots come back within the TTL. While Redis is
+down each gateway falls back to its whole window and the scraped estimate (``lease`` None).
+
+With the adaptive window each gateway sizes the window from its own measurements; grants are
+checked against the caller's size, so the sum of leases never exceeds the largest of the
+gateways' sizes (all at most ``--window``, vLLM's ``--max-num-seqs``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable, Mapping
+
+from gateway.shared import PRELUDE, RedisLink
+from gateway.tickets import Window
+
+# ARGV[4..] upstream, in flight, want, window size. Returns {slots held now, held by others}.
+_SYNC = (
+    PRELUDE
+    + """
+local up, inflight, want, size = ARGV[4], tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
+local hk, wk = P .. 'held:' .. up, P .. 'want:' .. up
+redis.call('HSET', wk, gw, want)
+own(wk)
+local held, mine, others = {}, 0, 0
+local h = redis.call('HGETALL', hk)
+for i = 1, #h, 2 do
+  local n = tonumber(h[i + 1])
+  if h[i] == gw then mine = n else held[h[i]] = n; others = others + n end
+end
+local wants = {}
+local w = redis.call('HGETALL', wk)
+for i = 1, #w, 2 do wants[#wants + 1] = {g = w[i], n = tonumber(w[i + 1])} end
+table.sort(wants, function(a, b) if a.n ~= b.n then return a.n < b.n end return a.g < b.g end)
+local left, owed = size, 0
+for i, e in ipairs(wants) do
+  local share = math.min(e.n, math.floor(left / (#wants - i + 1)))
+  left = left - share
+  if e.g ~= gw then owed = owed + math.max(share - (held[e.g] or 0), 0) end
+end
+local keep = want
+if owed == 0 then keep = math.max(want, mine) end
+local new = math.max(inflight, math.min(keep, size - others - owed))
+if new > 0 then redis.call('HSET', hk, gw, new); own(hk) else redis.call('HDEL', hk, gw) end
+return {new, others}
+"""
+)
+
+
+class Leases:
+    """Keeps this gateway's slot leases on every upstream in step with what it needs.
+
+    ``queued`` is how many requests wait in this gateway (any of them may go to any upstream);
+    ``kick`` re-runs dispatch after a grant. Call :meth:`wake` whenever dispatch ran (a request
+    queued, dispatched or finished): syncs are coalesced, one at a time per upstream.
+    """
+
+    def __init__(
+        self,
+        link: RedisLink,
+        windows: Mapping[str, Window],
+        queued: Callable[[], int],
+        kick: Callable[[], None],
+        *,
+        idle_s: float = 0.25,
+        short_s: float = 0.05,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._link = link
+        self._windows = windows
+        self._queued = queued
+        self._kick = kick
+        self._idle_s = idle_s
+        self._short_s = short_s
+        self._clock = clock
+        self._script = link.script(_SYNC)
+        self._woken = asyncio.Event()
+        self._sent: dict[str, tuple[int, int, int]] = {}  # upstream: (in flight, want, size)
+        self._synced_at: dict[str, float] = {}
+        link.on_down(self.local)
+        link.on_up(self.wake)
+
+    def wake(self) -> None:
+        self._woken.set()
+
+    async def run(self) -> None:
+        """Sync forever (cancel to stop)."""
+        while True:
+            short = any(
+                w.lease is not None and w.lease < self._want(w) for w in self._windows.values()
+            )
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self._short_s if short else self._idle_s):
+                    await self._woken.wait()
+            self._woken.clear()
+            if self._link.up:
+                await self.sync_all()
+
+    async def sync_all(self) -> None:
+        await asyncio.gather(*(self._sync(w) for w in list(self._windows.values())))
+
+    def local(self) -> None:
+        """Redis is gone: every window is this gateway's again (with the scraped estimate)."""
+        for window in self._windows.values():
+            window.lease, window.shared = None, 0
+        self._sent.clear()
+        self._kick()
+
+    def _want(self, window: Window) -> int:
+        return min(window.size, window.inflight + self._queued()) if window.usable else 0
+
+    async def _sync(self, window: Window) -> None:
+        state = (window.inflight, self._want(window), window.size)
+        now = self._clock()
+        if (
+            state == self._sent.get(window.name)
+            and window.lease is not None
+            and window.lease >= state[1]  # short: ask again, others may have given slots back
+            and now - self._synced_at.get(window.name, -1e9) < self._idle_s
+        ):
+            return
+        self._sent[window.name], self._synced_at[window.name] = state, now
+        answer = await self._link.call(self._script, (window.name, *state))
+        if answer is None:  # Redis went away: local() has run, or will on the link's news
+            return
+        lease, shared = int(answer[0]), int(answer[1])
+        if (lease, shared) != (window.lease, window.shared):
+            window.lease, window.shared = lease, shared
+            self._kick()
