@@ -18,7 +18,9 @@ one script grants it atomically:
   idle slots while nobody else is short, so a lone gateway does not pay a Redis round trip
   per request.
 - **Nothing running is taken back.** A gateway never holds fewer slots than it has requests
-  in flight; when it holds more than its share, it gives slots back as its requests finish.
+  in flight. When others are owed slots, the grant says how many it may fill (its
+  :attr:`Window.lease`, possibly fewer than it runs): it dispatches no more until it is under
+  that, so the slots its requests free go back instead of to its own queue.
 
 Leases are renewed by every sync (a few times a second while a gateway is short or has
 changed, every ``idle_s`` otherwise) and expire with the gateway's liveness
@@ -40,7 +42,8 @@ from collections.abc import Callable, Mapping
 from gateway.shared import PRELUDE, RedisLink
 from gateway.tickets import Window
 
-# ARGV[4..] upstream, in flight, want, window size. Returns {slots held now, held by others}.
+# ARGV[4..] upstream, in flight, want, window size. Returns {slots the caller may fill, slots
+# the others hold}. The caller holds the larger of what it may fill and what it runs.
 _SYNC = (
     PRELUDE
     + """
@@ -66,9 +69,10 @@ for i, e in ipairs(wants) do
 end
 local keep = want
 if owed == 0 then keep = math.max(want, mine) end
-local new = math.max(inflight, math.min(keep, size - others - owed))
+local may = math.max(math.min(keep, size - others - owed), 0)
+local new = math.max(inflight, may)
 if new > 0 then redis.call('HSET', hk, gw, new); own(hk) else redis.call('HDEL', hk, gw) end
-return {new, others}
+return {may, others}
 """
 )
 

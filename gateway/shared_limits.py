@@ -152,8 +152,10 @@ class SharedLimits:
         """Count one request against the tenant's limits; RateLimited if it is over one."""
         tenant.admit(self._clock())
         link, p = self._link, tenant.policy
-        if link is None or not link.up or not _limited(p):
+        if link is None or not _limited(p):
             return Grant(tenant, None)
+        if not link.up:  # admitted on local limits; its end is still written if Redis is back
+            return Grant(tenant, self._release)
         rps, tps = p.requests_per_s or 0.0, p.tokens_per_s or 0.0
         try:
             answer = await link.call(

@@ -132,8 +132,9 @@ class Window:
     would hold the window shut.
 
     With Redis (:mod:`gateway.leases`) the gateways split the window exactly instead: ``lease``
-    is how many slots this gateway holds (it dispatches only into those) and ``shared`` how
-    many the other gateways hold. ``lease`` is None without Redis, or while it is down.
+    is how many slots this gateway may fill (it dispatches only while it runs fewer) and
+    ``shared`` how many the other gateways hold. ``lease`` is None without Redis, or while it
+    is down.
     """
 
     name: str

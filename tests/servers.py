@@ -95,6 +95,16 @@ async def gateway_process(args: Sequence[str], port: int, log: Path) -> AsyncIte
     """``python -m gateway --host 127.0.0.1 --port PORT ARGS...`` as its own process, as
     deployed; yields its base URL once ``/ready`` answers 200, and stops it (by its PID) after.
     Its output goes to ``log``."""
+    async with gateway_process_handle(args, port, log) as (url, _):
+        yield url
+
+
+@asynccontextmanager
+async def gateway_process_handle(
+    args: Sequence[str], port: int, log: Path
+) -> AsyncIterator[tuple[str, asyncio.subprocess.Process]]:
+    """:func:`gateway_process`, also yielding the process (to signal it; a process already
+    ended, e.g. SIGKILLed by the test, is left alone)."""
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("wb") as out:
         process = await asyncio.create_subprocess_exec(
@@ -104,7 +114,7 @@ async def gateway_process(args: Sequence[str], port: int, log: Path) -> AsyncIte
     url = f"http://127.0.0.1:{port}"
     try:
         await until_up(f"{url}/ready", process, log, timeout_s=60)
-        yield url
+        yield url, process
     finally:
         await stop_process(process)
 

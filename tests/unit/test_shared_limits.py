@@ -1,0 +1,144 @@
+"""Tenant limits shared through a real redis-server by two in-process "gateways" (two links
+with their own ids, as two processes would have)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from gateway.auth import Tenant, TenantPolicy
+from gateway.errors import RateLimited
+from gateway.shared import RedisLink
+from gateway.shared_limits import Grant, SharedLimits
+from tests.redis_server import RedisServer, redis_server
+
+
+@pytest.fixture
+def redis(tmp_path: Path) -> Iterator[RedisServer]:
+    with redis_server(tmp_path / "redis.log") as server:
+        yield server
+
+
+class Gateway:
+    """One gateway's view: its link, its limits, its own Tenant objects (local counters)."""
+
+    def __init__(self, url: str, policy: TenantPolicy, ttl_s: float = 5.0) -> None:
+        self.changes: list[bool] = []
+        self.link = RedisLink(url, on_change=self.changes.append, ttl_s=ttl_s, timeout_s=0.5)
+        self.tenant = Tenant.of(policy)
+        self.limits = SharedLimits(time.monotonic, self.link, lambda: [self.tenant])
+
+    async def connect(self) -> None:
+        await self.link._reconnect()
+        assert self.link.up
+
+    async def admit(self) -> Grant:
+        return await self.limits.admit(self.tenant)
+
+
+Make = Callable[..., Awaitable[Gateway]]
+
+
+@pytest.fixture
+async def pair(redis: RedisServer) -> AsyncIterator[Make]:
+    gateways: list[Gateway] = []
+
+    async def make(policy: TenantPolicy, ttl_s: float = 5.0) -> Gateway:
+        gw = Gateway(redis.url, policy, ttl_s)
+        await gw.connect()
+        gateways.append(gw)
+        return gw
+
+    yield make
+    for gw in gateways:
+        await gw.limits.drain()
+        await gw.link.close()
+
+
+async def test_a_request_rate_holds_across_gateways(pair: Make) -> None:
+    policy = TenantPolicy("acme", requests_per_s=2)  # burst: one second's worth, 2
+    a, b = await pair(policy), await pair(policy)
+    await a.admit()
+    await b.admit()
+    for gw in (a, b):  # each gateway alone has used 1 of its 2: only the shared bucket says no
+        with pytest.raises(RateLimited) as refused:
+            await gw.admit()
+        assert refused.value.code == "rate_limited"
+        assert refused.value.headers["Retry-After"] == "1"
+        assert gw.tenant.active == 1  # the refused request was given back locally
+
+
+async def test_the_concurrency_cap_counts_every_gateway(pair: Make) -> None:
+    policy = TenantPolicy("acme", max_concurrent=2)
+    a, b = await pair(policy), await pair(policy)
+    held = [await a.admit(), await b.admit()]
+    with pytest.raises(RateLimited) as refused:
+        await b.admit()
+    assert refused.value.code == "concurrency"
+    held[0].done(time.monotonic(), 10)  # A's request ends: its slot is free for B
+    await a.limits.drain()
+    held.append(await b.admit())
+    assert (a.tenant.active, b.tenant.active) == (0, 2)
+
+
+async def test_tokens_used_at_one_gateway_limit_the_other(pair: Make) -> None:
+    policy = TenantPolicy("acme", tokens_per_s=10)  # burst 10
+    a, b = await pair(policy), await pair(policy)
+    (await a.admit()).done(time.monotonic(), 50)  # 40 tokens of debt: 4 s at 10/s
+    await a.limits.drain()
+    with pytest.raises(RateLimited) as refused:
+        await b.admit()
+    assert refused.value.code == "rate_limited"
+    assert 3 <= int(refused.value.headers["Retry-After"]) <= 4
+    assert b.tenant.tokens is not None
+    assert b.tenant.tokens.level == 10
+
+
+async def test_a_dead_gateways_share_comes_back_after_its_ttl(pair: Make) -> None:
+    policy = TenantPolicy("acme", max_concurrent=1)
+    crashed, other = await pair(policy, ttl_s=0.3), await pair(policy)
+    await crashed.admit()  # and then it dies: no done, no heartbeat, no goodbye
+    with pytest.raises(RateLimited):
+        await other.admit()
+    deadline = time.monotonic() + 5
+    while True:  # the TTL is 0.3 s; allow for a slow machine, but not forever
+        try:
+            await other.admit()
+            break
+        except RateLimited:
+            assert time.monotonic() < deadline, "the dead gateway's count never expired"
+            await asyncio.sleep(0.05)
+    assert time.monotonic() - (deadline - 5) >= 0.25
+
+
+async def test_without_redis_the_local_limits_hold_and_it_rejoins(
+    pair: Make, redis: RedisServer
+) -> None:
+    policy = TenantPolicy("acme", max_concurrent=2)
+    a, b = await pair(policy), await pair(policy)
+    grant_b = await b.admit()
+    redis.kill()
+    first = await a.admit()  # the call fails: the link goes down, the local limits decide
+    assert not a.link.up
+    assert a.changes == [True, False]
+    second = await a.admit()  # no Redis call now, and only A's own 2 count
+    with pytest.raises(RateLimited):
+        await a.admit()
+    redis.start()
+    await a.link._reconnect()  # what the link's loop does every second
+    assert a.link.up
+    assert a.changes == [True, False, True]
+    await b.link._reconnect()
+    # A wrote its count back on rejoining (2 in progress), so with B's one the cap is full.
+    del grant_b
+    assert a.tenant.active == 2
+    with pytest.raises(RateLimited):
+        await b.admit()
+    first.done(time.monotonic(), 0)
+    second.done(time.monotonic(), 0)
+    await a.limits.drain()
+    await b.admit()
