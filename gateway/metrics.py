@@ -164,6 +164,19 @@ class Metrics:
             "waiting in the last 60 s: 1 equal shares (by weight), 1/n one tenant got all.",
             ["priority_class"], registry=registry,
         )  # fmt: skip
+        # Autoscaling signals (deploy/README.md, "Autoscaling vLLM"): vLLM's own waiting
+        # count stays near zero because the queue is here, so an autoscaler reads these.
+        self.queue_oldest_wait = Gauge(
+            "gateway_queue_oldest_wait_seconds",
+            "Age of the class's oldest queued request (since its arrival), 0 when none waits.",
+            ["priority_class"], registry=registry,
+        )  # fmt: skip
+        self.saturation = Gauge(
+            "gateway_saturation_ratio",
+            "(requests in flight + queued) / slots of the usable upstreams' current windows: "
+            "above 1 work waits for capacity. Sum it over gateways sharing the upstreams.",
+            registry=registry,
+        )  # fmt: skip
         self.reloads = Counter(
             "gateway_task_table_reloads_total", "Task table reloads, by result.",
             ["result"], registry=registry,
@@ -225,6 +238,15 @@ class Metrics:
 
     def watch_window(self, upstream: str, size: Callable[[], float]) -> None:
         self.window_size.labels(upstream).set_function(size)
+
+    def watch_oldest_wait(self, class_name: str, age: Callable[[], float]) -> None:
+        """Read the age of the class's oldest queued request at scrape time."""
+        self.queue_oldest_wait.labels(class_name).set_function(age)
+
+    def watch_saturation(self, ratio: Callable[[], float]) -> None:
+        """Compute the saturation ratio at scrape time: the windows and queues change on
+        every dispatch, and a scrape every few seconds is all an autoscaler reads."""
+        self.saturation.set_function(ratio)
 
     def watch_fairness(self, class_name: str, index: Callable[[], float]) -> None:
         """Compute the class's fairness index at scrape time, not on the hot path."""

@@ -171,6 +171,10 @@ def build_runtime(
         metrics.watch_fairness(pclass, partial(_fairness_index, scheduler, dispatcher.now, pclass))
         metrics.watch_queue(pclass, partial(scheduler.depth, pclass))
         metrics.watch_capacity(pclass, partial(_class_capacity, scheduler, pclass))
+    # Autoscaling signals: read over the scheduler's live queues and windows at scrape time.
+    metrics.watch_saturation(scheduler.saturation)
+    for pclass in config.classes.names():
+        metrics.watch_oldest_wait(pclass, partial(_oldest_wait, scheduler, dispatcher.now, pclass))
     for window in windows:
         metrics.watch_inflight(window.name, partial(getattr, window, "inflight"))
         metrics.watch_window(window.name, partial(getattr, window, "size"))
@@ -221,6 +225,10 @@ def _class_capacity(scheduler: Scheduler, pclass: str) -> int:
 
 def _fairness_index(scheduler: Scheduler, clock: Callable[[], float], pclass: str) -> float:
     return scheduler.ledgers()[pclass].fairness_index(clock())
+
+
+def _oldest_wait(scheduler: Scheduler, clock: Callable[[], float], pclass: str) -> float:
+    return scheduler.oldest_wait(pclass, clock())
 
 
 def _service(scheduler: Scheduler) -> Iterator[tuple[str, str, float]]:

@@ -54,6 +54,8 @@ EXPECTED_PANELS = {
     "vLLM KV cache usage": {"vllm:kv_cache_usage_perc"},
     "Gateway queue depth by class": {"gateway_queue_depth"},
     "Gateway in flight per upstream": {"gateway_inflight_requests"},
+    "Saturation (autoscaling signal)": {":gateway_saturation_ratio:sum"},
+    "Oldest queued request by class": {"priority_class:gateway_queue_oldest_wait_seconds:max"},
 }
 
 _KEYWORDS = {
@@ -93,6 +95,8 @@ def gateway_series() -> dict[str, set[str]]:
     metrics = Metrics(registry, [("t", "realtime")], ["realtime"], ["vllm:8000"])
     metrics.watch_queue("realtime", lambda: 0.0)
     metrics.watch_inflight("vllm:8000", lambda: 0.0)
+    metrics.watch_oldest_wait("realtime", lambda: 0.0)
+    metrics.watch_saturation(lambda: 0.0)
     series: dict[str, set[str]] = {}
     for family in registry.collect():
         for sample in family.samples:

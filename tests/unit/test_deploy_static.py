@@ -10,6 +10,8 @@ files that exist.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import re
 import shlex
 from pathlib import Path, PurePosixPath
@@ -27,6 +29,11 @@ VLLM_SH = ROOT / "launch/vllm.sh"
 COMMON_SH = ROOT / "launch/common.sh"
 GATEWAY_PORT = Settings().port
 VLLM_PORT = 8000
+REDIS_PORT = 6379
+
+#: Settings agreed for issue 13 that other branches add to gateway/settings.py: accepted here
+#: before they are merged (then gateway_env_names() lists them itself).
+AGREED_ENV = frozenset({"GATEWAY_REDIS_URL", "GATEWAY_UPSTREAMS_FILE", "GATEWAY_ROUTING"})
 
 
 # -- helpers -----------------------------------------------------------------------------------
@@ -131,6 +138,20 @@ def max_num_seqs() -> str:
     return flag_value(argv(service("vllm")["command"]), "--max-num-seqs")
 
 
+def gateway_env_names() -> set[str]:
+    """The environment variables the gateway reads: those ``--help`` names, plus the keys."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), pytest.raises(SystemExit):
+        parse_settings(["--help"], {})
+    return set(re.findall(r"env\s+(\w+);", out.getvalue())) | {"GATEWAY_API_KEYS"}
+
+
+def gateway_services() -> dict[str, dict[str, Any]]:
+    """Every compose service that runs the gateway's image."""
+    image = service("gateway")["image"]
+    return {name: svc for name, svc in compose()["services"].items() if svc["image"] == image}
+
+
 def aliases(name: str) -> set[str]:
     networks = service(name).get("networks", {})
     names = {name}
@@ -150,6 +171,8 @@ def test_compose_has_the_stack_and_its_profiles() -> None:
         "vllm": ("gpu",),
         "vllm-cpu": ("cpu",),
         "gateway": (),
+        "gateway-b": ("scale",),
+        "redis": ("scale",),
         "prometheus": (),
         "grafana": (),
         "locust": ("loadtest",),
@@ -217,6 +240,33 @@ def test_one_max_num_seqs_default_everywhere() -> None:
     defaults = set(re.findall(r"\$\{MAX_NUM_SEQS:-(\d+)\}", COMPOSE.read_text(encoding="utf-8")))
     assert len(defaults) == 1, f"MAX_NUM_SEQS has several defaults: {defaults}"
     assert environment(service("gateway"))["GATEWAY_WINDOW"] == max_num_seqs()
+
+
+def test_gateway_services_set_only_settings_the_gateway_reads() -> None:
+    known = gateway_env_names() | AGREED_ENV
+    assert set(gateway_services()) == {"gateway", "gateway-b"}
+    for name, svc in gateway_services().items():
+        names = set(environment(svc))
+        assert names <= known, (name, names - known)
+
+
+def test_scale_profile_runs_a_second_gateway_on_redis_and_the_default_needs_none() -> None:
+    first, second = environment(service("gateway")), environment(service("gateway-b"))
+    assert first.pop("GATEWAY_REDIS_URL") == ""  # unset: no Redis unless asked for
+    url = urlsplit(second.pop("GATEWAY_REDIS_URL"))
+    assert (url.scheme, url.hostname, url.port) == ("redis", "redis", REDIS_PORT)
+    assert first == second, "the two gateways must differ only in their Redis setting"
+    ports = {interpolate(p) for name in ("gateway", "gateway-b") for p in service(name)["ports"]}
+    assert len(ports) == 2, "each gateway needs its own host port"
+    redis = service("redis")
+    assert argv(redis["command"])[:5] == ["redis-server", "--save", "", "--appendonly", "no"]
+    # A service outside every profile may not need one inside a profile: the default
+    # `docker compose --profile cpu up` would then fail, or start Redis after all.
+    services = compose()["services"]
+    for name, svc in services.items():
+        if not svc.get("profiles"):
+            for needed in svc.get("depends_on", []):
+                assert not services[needed].get("profiles"), f"{name} depends on {needed}"
 
 
 # -- vLLM --------------------------------------------------------------------------------------
@@ -315,6 +365,12 @@ def test_prometheus_scrapes_the_gateway_and_vllm_where_they_listen() -> None:
         for job in config["scrape_configs"]
     }
     assert jobs == {"gateway": [f"gateway:{GATEWAY_PORT}"], "vllm": [f"vllm:{VLLM_PORT}"]}
+    # The scale profile's gateways are found by DNS: only while they run.
+    (gateway_job,) = (j for j in config["scrape_configs"] if j["job_name"] == "gateway")
+    found = {(n, sd["port"]) for sd in gateway_job.get("dns_sd_configs", []) for n in sd["names"]}
+    assert found == {(name, GATEWAY_PORT) for name in gateway_services()} - {
+        ("gateway", GATEWAY_PORT)
+    }
     ports = service_ports()
     for target in (t for ts in jobs.values() for t in ts):
         host, port = target.rsplit(":", 1)

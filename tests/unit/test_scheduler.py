@@ -264,6 +264,53 @@ def test_predicted_wait_and_retry_after_follow_the_drain_rate() -> None:
     assert 2 <= s.retry_after(STD, now) <= 4
 
 
+# -- autoscaling signals -----------------------------------------------------------------------
+
+
+def test_oldest_wait_is_the_age_of_the_oldest_queued_request_per_class() -> None:
+    s = scheduler(window=1)
+    assert s.oldest_wait("batch", now=5.0) == 0.0  # nothing queued: 0, not a gap
+    admit_all(s, [ticket(BATCH, 1.0), ticket(BATCH, 2.0), ticket(RT, 3.0)], now=3.0)
+    assert s.oldest_wait("batch", now=10.0) == 9.0
+    assert s.oldest_wait("realtime", now=10.0) == 7.0
+    (first,) = dispatched(s.dispatch(10.0))  # realtime goes first: its head start
+    assert first.policy is RT
+    assert s.oldest_wait("realtime", now=10.0) == 0.0
+    assert s.oldest_wait("batch", now=12.0) == 11.0
+    s.release(first, 12.0)
+    (second,) = dispatched(s.dispatch(12.0))
+    assert second.arrival == 1.0
+    assert s.oldest_wait("batch", now=12.0) == 10.0  # now the one that arrived at 2.0
+
+
+def test_saturation_is_held_work_over_usable_window_slots() -> None:
+    s = scheduler(window=2, upstreams=2)
+    assert s.saturation() == 0.0
+    admit_all(s, [ticket(RT, float(i)) for i in range(6)], now=6.0)
+    assert s.saturation() == 6 / 4  # queued counts before dispatch too
+    assert len(dispatched(s.dispatch(6.0))) == 4
+    assert s.saturation() == 6 / 4  # 4 in flight + 2 queued over 4 slots
+    s.windows["u0"].size = 1  # an adaptive window shrunk by latency takes less
+    assert s.saturation() == 6 / 3
+    s.windows["u1"].external = 5  # other clients' load is not ours: unchanged
+    assert s.saturation() == 6 / 3
+    s.windows["u1"].usable = False  # a down upstream's slots are gone; its requests still count
+    assert s.saturation() == 6 / 1
+    s.windows["u0"].usable = False  # nothing usable: one slot, so finite and growing with work
+    assert s.saturation() == 6.0
+
+
+def test_saturation_below_one_while_a_class_waits_behind_reserved_slots() -> None:
+    """Why the ratio is not the only signal: batch may not take the slots kept for more
+    important classes (3 of 8 here), so it waits at a ratio under 1; its oldest wait shows it."""
+    s = scheduler(window=8)
+    admit_all(s, [ticket(BATCH, float(i)) for i in range(6)], now=6.0)
+    assert len(dispatched(s.dispatch(6.0))) == 5
+    assert s.saturation() == 6 / 8
+    assert s.depth("batch") == 1
+    assert s.oldest_wait("batch", now=20.0) == 15.0  # the one that arrived at 5.0
+
+
 # -- properties ---------------------------------------------------------------------------
 
 arrivals = st.lists(
