@@ -117,23 +117,14 @@ class Scheduler:
             yield from queue
 
     def oldest_wait(self, class_name: str, now: float) -> float:
-        """Seconds since the class's longest-waiting request arrived; 0 when none waits. A
-        paused request counts from its first arrival: it is still owed its answer.
-        O(tenants waiting in the class), so cheap enough for every metrics scrape."""
+        """Seconds the class's longest-waiting request has waited (paused: since arrival)."""
         oldest = self._queues[class_name].oldest_arrival()
         return 0.0 if oldest is None else max(now - oldest, 0.0)
 
     def saturation(self) -> float:
-        """Work this gateway holds (in flight + queued) over the slots it may use now (the
-        current sizes of the usable windows): above 1, work waits for capacity.
-
-        Other clients' load at the upstreams (``Window.external``) is left out, so the sum
-        over gateways that share the same upstreams is the pool's demand over its capacity.
-        The window's current size, not its ceiling, is the capacity: an adaptive window held
-        small by latency is all the upstream can take at the SLA. With no usable upstream the
-        capacity counts as one slot (large, never infinite: autoscalers cannot average
-        infinities). Below 1, work may still wait in a class kept out of the slots reserved
-        for more important ones: :meth:`oldest_wait` says so per class."""
+        """In flight + queued over the current sizes of the usable windows (at least 1): above
+        1, work waits for capacity. Other clients' load is left out, so the sum over gateways
+        sharing upstreams is the pool's demand over its capacity (deploy/README.md)."""
         capacity = sum(w.size for w in self.windows.values() if w.usable)
         inflight = sum(w.inflight for w in self.windows.values())
         return (inflight + self._queued) / max(capacity, 1)
@@ -404,15 +395,6 @@ class Scheduler:
 
 
 __all__ = [
-    "Admitted",
-    "ClassQueue",
-    "CompletionRate",
-    "Dispatch",
-    "Expiry",
-    "Preempt",
-    "Rejected",
-    "Scheduler",
-    "State",
-    "Ticket",
-    "Window",
-]
+    "Admitted", "ClassQueue", "CompletionRate", "Dispatch", "Expiry", "Preempt", "Rejected",
+    "Scheduler", "State", "Ticket", "Window",
+]  # fmt: skip
