@@ -21,9 +21,11 @@ from prometheus_client import CollectorRegistry
 from gateway.auth import KeyRing, load_keyring
 from gateway.config import Config, ConfigError, load_config
 from gateway.dispatch import Dispatcher
+from gateway.membership import Membership, watch_upstream
 from gateway.metrics import Metrics
 from gateway.outbound import Limits, Timeouts, UpstreamClient
 from gateway.recent import Recent
+from gateway.roster import Roster
 from gateway.scheduler import Scheduler, Window
 from gateway.scrape import Scraper, VllmLoad
 from gateway.serving import Serving
@@ -31,6 +33,7 @@ from gateway.settings import Settings
 from gateway.sizing import Sizing
 from gateway.status import Status
 from gateway.upstreams import Upstream, Upstreams, upstream_name
+from gateway.upstreams_file import Entry
 
 log = logging.getLogger("gateway")
 
@@ -56,6 +59,7 @@ class Runtime:
     sizing: Sizing
     serving: Serving
     status: Status
+    roster: Roster | None = None  # with --upstreams-file: keeps the set in step with it
 
     @property
     def config(self) -> Config:
@@ -90,13 +94,21 @@ class Runtime:
 
 
 def build_runtime(
-    settings: Settings, config: Config, registry: CollectorRegistry, keys: KeyRing
+    settings: Settings,
+    config: Config,
+    registry: CollectorRegistry,
+    keys: KeyRing,
+    upstream_entries: tuple[Entry, ...] | None = None,
 ) -> Runtime:
-    """Assemble a runtime. Call inside the running event loop (the client and timers need it)."""
+    """Assemble a runtime. Call inside the running event loop (the client and timers need it).
+
+    ``upstream_entries``: the upstreams file as loaded at the start; the roster then adds them
+    all (and later changes), and ``settings.upstreams`` is not used."""
     client = UpstreamClient(
         Timeouts(connect=settings.connect_timeout_s, read_gap=settings.read_timeout_s), Limits()
     )
-    names = [upstream_name(url) for url in settings.upstreams]
+    urls = () if upstream_entries is not None else settings.upstreams
+    names = [upstream_name(url) for url in urls]
     metrics = Metrics(
         registry,
         ((t.name, t.priority_class) for t in config.tasks.values()),
@@ -120,17 +132,17 @@ def build_runtime(
     )
 
     def on_change(upstream: Upstream) -> None:
-        scheduler.windows[upstream.name].usable = upstream.up
-        metrics.upstream_up.labels(upstream.name).set(1 if upstream.up else 0)
+        scheduler.windows[upstream.name].usable = upstream.usable
+        metrics.upstream_up.labels(upstream.name).set(1 if upstream.usable else 0)
         dispatcher.kick()
 
-    upstreams = Upstreams(
-        settings.upstreams, client, on_change, settings.health_interval_s, clock=dispatcher.now
-    )
+    upstreams = Upstreams(urls, client, on_change, settings.health_interval_s, clock=dispatcher.now)
 
     def on_load(name: str, load: VllmLoad | None) -> None:
         # Other clients' requests at the upstream (e.g. other gateways'); a stale or missing
         # reading counts as none, so it can never hold the window shut.
+        if name not in scheduler.windows:
+            return  # forgotten (drained) meanwhile
         scheduler.windows[name].external = 0 if load is None else load.external
         if load is None:
             metrics.set_upstream_load(name, 0.0, 0.0, 0.0)
@@ -166,10 +178,19 @@ def build_runtime(
         metrics.watch_queue(pclass, partial(scheduler.depth, pclass))
         metrics.watch_capacity(pclass, partial(_class_capacity, scheduler, pclass))
     for window in windows:
-        metrics.watch_inflight(window.name, partial(getattr, window, "inflight"))
-        metrics.watch_window(window.name, partial(getattr, window, "size"))
-        metrics.watch_breaker(window.name, partial(upstreams.breaker_state, window.name))
+        watch_upstream(metrics, window, upstreams)
     serving = Serving(dispatcher, upstreams, client, metrics, sizing)
+    roster = None
+    if upstream_entries is not None:
+        assert settings.upstreams_file is not None
+        members = Membership(upstreams, scheduler, sizing, scraper, metrics, dispatcher.kick)
+        roster = Roster(
+            settings.upstreams_file,
+            upstream_entries,
+            members,
+            settings.health_interval_s,
+            on_reload=lambda ok: metrics.upstream_reloads.labels("ok" if ok else "refused").inc(),
+        )
     return Runtime(
         settings,
         tables,
@@ -182,6 +203,7 @@ def build_runtime(
         sizing,
         serving,
         status,
+        roster,
     )
 
 
@@ -202,11 +224,14 @@ def _service(scheduler: Scheduler) -> Iterator[tuple[str, str, float]]:
 def start_background(runtime: Runtime) -> list[asyncio.Task[None]]:
     """Start the loops that watch the upstreams (health checks, metrics scraping) and size
     their windows."""
-    return [
+    tasks = [
         asyncio.create_task(runtime.upstreams.run(), name="upstream-health"),
         asyncio.create_task(runtime.scraper.run(), name="upstream-metrics"),
         asyncio.create_task(runtime.sizing.run(), name="window-sizing"),
     ]
+    if runtime.roster is not None:
+        tasks.append(asyncio.create_task(runtime.roster.run(), name="upstreams-file"))
+    return tasks
 
 
 async def close_runtime(runtime: Runtime, background: Iterable[asyncio.Task[None]] = ()) -> None:

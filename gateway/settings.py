@@ -44,6 +44,8 @@ class Settings:
     shutdown_grace_s: float = 30.0
     access_log: bool = True
     log_level: str = "info"
+    # Replaces ``upstreams`` when set: a set that may change while running (gateway.roster).
+    upstreams_file: Path | None = None
 
 
 _ENV = {
@@ -61,6 +63,7 @@ _ENV = {
     "shutdown_grace": "GATEWAY_SHUTDOWN_GRACE",
     "access_log": "GATEWAY_ACCESS_LOG",
     "log_level": "GATEWAY_LOG_LEVEL",
+    "upstreams_file": "GATEWAY_UPSTREAMS_FILE",
 }
 
 
@@ -85,7 +88,13 @@ def parse_settings(
 
     opt("host", d.host, "address to listen on")
     opt("port", d.port, "port to listen on", int)
-    opt("upstreams", ",".join(d.upstreams), "comma-separated vLLM base URLs")
+    # No default here, so that a list given alongside --upstreams-file can be refused.
+    opt("upstreams", None, f"comma-separated vLLM base URLs (default {','.join(d.upstreams)})")
+    opt(
+        "upstreams_file",
+        None,
+        "TOML file of upstreams, reloaded on SIGHUP and when it changes; instead of --upstreams",
+    )
     opt("window", d.window, "most requests in flight per upstream (its --max-num-seqs)", int)
     opt(
         "window_mode",
@@ -107,7 +116,12 @@ def parse_settings(
     opt("access_log", "on" if d.access_log else "off", "JSON access log: on or off")
     opt("log_level", d.log_level, "debug, info, warning or error")
     a = p.parse_args(argv)
-    upstreams = tuple(u.strip().rstrip("/") for u in a.upstreams.split(",") if u.strip())
+    if a.upstreams is not None and a.upstreams_file:
+        p.error(
+            "give --upstreams (UPSTREAMS) or --upstreams-file (GATEWAY_UPSTREAMS_FILE), not both"
+        )
+    listed = ",".join(d.upstreams) if a.upstreams is None else a.upstreams
+    upstreams = tuple(u.strip().rstrip("/") for u in listed.split(",") if u.strip())
     if not upstreams:
         p.error("at least one upstream is required")
     if a.window < 1:
@@ -133,4 +147,5 @@ def parse_settings(
         shutdown_grace_s=a.shutdown_grace,
         access_log=str(a.access_log).lower() in ("on", "1", "true", "yes"),
         log_level=a.log_level,
+        upstreams_file=Path(a.upstreams_file) if a.upstreams_file else None,
     )

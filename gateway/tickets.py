@@ -130,6 +130,9 @@ class Window:
     sharing one vLLM thus see each other's work. It must not include our own requests: the
     scraped count is up to a scrape interval old, and counting our finished requests in it
     would hold the window shut.
+
+    ``overflow`` marks cold or extra capacity, used only when the primaries cannot keep a
+    request's queue budget (:func:`gateway.scheduler.spill_to_overflow`).
     """
 
     name: str
@@ -137,6 +140,7 @@ class Window:
     inflight: int = 0
     external: int = 0
     usable: bool = True
+    overflow: bool = False
 
     @property
     def occupied(self) -> int:
