@@ -89,7 +89,7 @@ async def test_a_changed_file_adds_and_drains_and_a_drained_one_is_forgotten(
 ) -> None:
     path = tmp_path / "upstreams.toml"
     write(path, "http://a:1", mtime_ns=1_000_000_000)
-    members, reloads = Members(), []
+    members, reloads = Members(), list[bool]()
     roster = Roster(path, (UrlEntry("http://a:1"),), members, 1.0, on_reload=reloads.append)
     await roster.refresh()
     assert members.present() == {"a:1": Member(False, False)}
@@ -121,7 +121,7 @@ async def test_a_changed_file_adds_and_drains_and_a_drained_one_is_forgotten(
 async def test_an_invalid_reload_is_refused_and_the_set_kept(tmp_path: Path) -> None:
     path = tmp_path / "upstreams.toml"
     write(path, "http://a:1", mtime_ns=1_000_000_000)
-    members, reloads = Members(), []
+    members, reloads = Members(), list[bool]()
     roster = Roster(path, (UrlEntry("http://a:1"),), members, 1.0, on_reload=reloads.append)
     await roster.refresh()
     path.write_text('[[upstream]]\nurl = "http://b:1"\nweight = 3\n')
