@@ -54,7 +54,7 @@ class Membership:
         # Not usable until its health check passes (the health loop's on_change says so).
         window = Window(name, 1, usable=False, overflow=target.overflow)
         self._sizing.add(window)
-        self._scheduler.add_window(window)
+        self._scheduler.windows[name] = window
         upstream = self._upstreams.add(target.base_url, overflow=target.overflow)
         self._scraper.add(upstream)
         self._metrics.preinitialise((), (), [name])
@@ -87,7 +87,7 @@ class Membership:
         ]
         for name in gone:
             self._upstreams.forget(name)
-            self._scheduler.remove_window(name)
+            self._scheduler.windows.pop(name)  # nothing runs there: releases are done
             self._sizing.remove(name)
             self._scraper.remove(name)
             self._metrics.forget_upstream(name)

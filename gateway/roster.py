@@ -24,7 +24,7 @@ interval and at once on SIGHUP (:meth:`Roster.wake`):
 **Overflow** upstreams (``overflow = true``) are cold or extra capacity. They are health
 checked and drained like the others, but the scheduler sends a request to one only when no
 primary window has room for it and its queue wait would breach its class's budget (see
-:func:`gateway.scheduler.spill_to_overflow`).
+:mod:`gateway.overflow`).
 """
 
 from __future__ import annotations

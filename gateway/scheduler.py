@@ -26,10 +26,12 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from functools import partial
 
 from gateway.classes import ClassPolicy, ClassTable, effective_priority
 from gateway.fairness import FairnessPolicy, Ledger
+from gateway.overflow import overdue, spill_to_overflow
 from gateway.preemption import demote_late, shed_candidate, victim
 from gateway.queues import ClassQueue, CompletionRate
 from gateway.tickets import (
@@ -60,7 +62,7 @@ class Scheduler:
         each tenant's shares (from the keys file; 1 when not named)."""
         self.classes = classes
         self.max_queued = max_queued
-        # May be empty: the upstreams file's dns entries are resolved after the start.
+        # Empty until an upstreams file's entries are added; gateway.membership changes it.
         self.windows: dict[str, Window] = {w.name: w for w in windows}
         self.fairness = fairness or FairnessPolicy()
         self.weights: Mapping[str, float] = weights or {}
@@ -92,14 +94,6 @@ class Scheduler:
             self.fairness = fairness
         if weights is not None:
             self.weights = weights
-
-    def add_window(self, window: Window) -> None:
-        """A new upstream (see :mod:`gateway.roster`)."""
-        self.windows[window.name] = window
-
-    def remove_window(self, name: str) -> None:
-        """Forget a drained upstream. Its running tickets, if any, still release safely."""
-        self.windows.pop(name, None)
 
     # -- observation -----------------------------------------------------------------
 
@@ -358,7 +352,8 @@ class Scheduler:
         if ticket.avoid:
             others = [w for w in windows if w.usable and w.name not in ticket.avoid]
             windows = others or windows
-        windows = spill_to_overflow(ticket, windows, promoted, self._overdue(ticket, now))
+        late = partial(overdue, ticket, now, self.completions, self._queues.values())
+        windows = spill_to_overflow(ticket, windows, promoted, late)
         best: Window | None = None
         for window in windows:
             reserved = 0 if promoted else ticket.policy.reserved_slots(window.size)
@@ -367,24 +362,6 @@ class Scheduler:
             ):
                 best = window
         return best
-
-    def _overdue(self, ticket: Ticket, now: float) -> Callable[[], bool]:
-        """Whether the ticket's queue wait would breach its queue budget (deadline less
-        arrival): its wait so far plus the predicted rest, the queued tickets up to and
-        including it over the recent completion rate. With no completion in the rate's
-        horizon the wait so far is the prediction of the rest. Lazy: it is only asked when
-        every primary window is full and there is an overflow upstream."""
-
-        def overdue() -> bool:
-            waited = now - ticket.arrival
-            rate = self.completions.per_second(now)
-            if rate is None:
-                rest = waited
-            else:
-                rest = sum(q.count_before(ticket.key) for q in self._queues.values()) / rate
-            return waited + rest > ticket.queue_deadline - ticket.arrival
-
-        return overdue
 
     def release(self, ticket: Ticket, now: float) -> None:
         """A dispatched ticket finished (any outcome): free its slot."""
@@ -405,22 +382,6 @@ class Scheduler:
             window.inflight -= 1
         if not paused:  # a pause is not a completion: it would inflate the drain rate
             self.completions.record(now)
-
-
-def spill_to_overflow(
-    ticket: Ticket, windows: Iterable[Window], promoted: bool, overdue: Callable[[], bool]
-) -> Iterable[Window]:
-    """The windows the ticket may go to: the primaries, and the overflow windows too only
-    when no primary has room for it and ``overdue()`` says its queue wait would breach its
-    class's budget. Choosing among what is left is not this function's business."""
-    windows = list(windows)
-    primaries = [w for w in windows if not w.overflow]
-    if len(primaries) == len(windows):
-        return windows  # no overflow upstream: the common case
-    room = any(
-        w.has_room(0 if promoted else ticket.policy.reserved_slots(w.size)) for w in primaries
-    )
-    return primaries if room or not overdue() else windows
 
 
 __all__ = [

@@ -132,7 +132,7 @@ class Window:
     would hold the window shut.
 
     ``overflow`` marks cold or extra capacity, used only when the primaries cannot keep a
-    request's queue budget (:func:`gateway.scheduler.spill_to_overflow`).
+    request's queue budget (:mod:`gateway.overflow`).
     """
 
     name: str
