@@ -44,6 +44,9 @@ from gateway.upstreams_file import DnsEntry, Entry, UrlEntry, load_upstreams_fil
 
 log = logging.getLogger("gateway.roster")
 
+#: Longest wait for one name's lookup (a timeout is an OSError: the addresses are kept).
+RESOLVE_TIMEOUT_S = 5.0
+
 #: ``(host, port)`` to the addresses it resolves to; raises OSError when it cannot.
 Resolver = Callable[[str, int], Awaitable[list[str]]]
 
@@ -204,7 +207,9 @@ class Roster:
 
     async def _lookup(self, entry: DnsEntry) -> None:
         try:
-            addresses = await self._resolve(entry.host, entry.port)
+            # A resolver that hangs must not stall the loop that also forgets drained servers.
+            async with asyncio.timeout(RESOLVE_TIMEOUT_S):
+                addresses = await self._resolve(entry.host, entry.port)
             if not addresses:
                 raise OSError("no addresses")
         except OSError as exc:

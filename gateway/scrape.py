@@ -238,6 +238,8 @@ class Scraper:
         before = self._ours(name)
         try:
             status, body = await self._client.get(url, self._timeout_s)
+            if name not in self._urls:
+                return  # removed while it was being read: nothing here knows it any more
             if status != 200:
                 raise ScrapeFailed(f"/metrics answered {status}")
             ours = max(before, self._ours(name))
@@ -248,8 +250,6 @@ class Scraper:
         except ScrapeFailed as exc:
             self._failed(name, str(exc))
             return
-        if name not in self._urls:
-            return  # removed while it was being read
         if self.errors.pop(name, None) is not None:
             log.info("reading %s's metrics again", name)
         recent = self._recent[name]
