@@ -4,7 +4,9 @@ The runtime is the composition root, not a service locator: the app hands each p
 the other parts it uses. Nothing here is global: tests build as many runtimes as they need.
 The task table and the keys are the parts that change while running (SIGHUP); they live in
 :class:`Tables`, which handlers read once per request, so a request keeps the table it
-started with while new ones see the new table.
+started with while new ones see the new table. With ``--upstreams-file`` the upstream set
+changes too: the :class:`~gateway.roster.Roster` decides, and
+:class:`~gateway.membership.Membership` changes every part that knows of an upstream.
 """
 
 from __future__ import annotations
