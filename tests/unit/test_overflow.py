@@ -3,6 +3,12 @@ would breach its budget; through the scheduler, which applies the rule before it
 
 from __future__ import annotations
 
+import asyncio
+
+from prometheus_client import CollectorRegistry
+
+from gateway.dispatch import Dispatcher
+from gateway.metrics import Metrics
 from gateway.scheduler import Scheduler, State, Window
 from tests.unit.test_scheduler import CLASSES, STD, admit_all, dispatched, ticket
 
@@ -47,3 +53,19 @@ def test_without_completions_overflow_takes_a_request_past_half_its_queue_budget
     assert dispatched(s.dispatch(4.9)) == []  # 4.9 s waited, 4.9 s predicted: within 10 s
     assert dispatched(s.dispatch(5.1)) == [waiting]
     assert waiting.upstream == "cold"
+
+
+async def test_the_dispatcher_sends_an_overdue_request_to_overflow_with_no_other_event() -> None:
+    """Nothing is released and nothing arrives: the dispatcher's own poll sees the queued
+    request pass half its queue budget (no completions yet) and spills it, well before its
+    queue deadline would expire it."""
+    scheduler = with_overflow()
+    dispatcher = Dispatcher(scheduler, Metrics(CollectorRegistry(), (), (), ()))
+    now = dispatcher.now()
+    hog = ticket(STD, now, queue_s=60)
+    await dispatcher.acquire(hog)  # takes the only primary slot and keeps it
+    waiting = ticket(STD, now, queue_s=1.0)
+    async with asyncio.timeout(0.9):  # its queue deadline is at 1 s
+        await dispatcher.acquire(waiting)
+    assert waiting.upstream == "cold"
+    assert dispatcher.now() - now >= 0.5  # not before half its budget had gone
