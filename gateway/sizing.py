@@ -186,7 +186,7 @@ class Sizing:
 
     async def run(self) -> None:
         """Tick forever (cancel to stop); a fixed window has nothing to do."""
-        if not self.controllers:
+        if self._tuning is None:  # not "no controllers": upstreams may be added later
             return
         while True:
             try:
