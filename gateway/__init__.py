@@ -14,15 +14,19 @@ Module layers, top to bottom; a module imports only from the rows below its own:
     lifecycle    the owner of a request's resources and its record
     dispatch     asyncio glue around the scheduler  resume     continue a paused generation
     shared_limits  tenants' limits across gateways (Redis)  leases  windows split across gateways
+    membership   an upstream added, drained or forgotten in every part that knows of it
     sizing       each upstream's window size: fixed, or from its controller and measurements
     history      the status page's last minutes: points sampled into a bounded ring
     status       /status data    shutdown  draining on SIGTERM
+    roster       the upstreams file kept in step: reload, resolve, add, drain, forget
     scrape       vLLM's /metrics: its load, its decode pace
     scheduler    pure queueing, dispatch and preemption decisions
     preemption   who gives way: shed, late, paused   timers   queued tickets' deadlines
+    overflow     when an overflow upstream may take a request
     tickets      the scheduler's vocabulary: a request's place, a window, the decisions
     auth         API keys and tenant limits   steps   a step and its results   upstreams  health
     input_limit  per-task input budgets       queues  class queues, completion rate
+    upstreams_file  the upstreams file's entries, validated
     protocol     OpenAI wire format   chunks  a stream put back together   exchange  a record
     config       the task table   fields  a request's knobs   sse  event framing   outbound  HTTP
     window       the adaptive window controller (pure logic, explicit clock)

@@ -37,6 +37,7 @@ from gateway.routes import Completions, Surface
 from gateway.runtime import Runtime, build_runtime, close_runtime, start_background
 from gateway.settings import Settings
 from gateway.shutdown import Drain
+from gateway.upstreams_file import load_upstreams_file
 
 log = logging.getLogger("gateway")
 
@@ -58,18 +59,21 @@ def create_app(
     """
     config = config or load_config(settings.tasks_path)
     keys = load_keyring(settings.keys_path, settings.env_keys)
+    path = settings.upstreams_file
+    entries = None if path is None else load_upstreams_file(path)
     drain = drain or Drain(settings.shutdown_grace_s)
     history = History() if history is None else history  # an empty one is falsy
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
-        runtime = build_runtime(settings, config, CollectorRegistry(auto_describe=True), keys)
+        registry = CollectorRegistry(auto_describe=True)
+        runtime = build_runtime(settings, config, registry, keys, entries)
         sampler = Sampler(runtime.status, runtime.metrics, history, runtime.dispatcher.now)
         background = [
             *start_background(runtime),
             asyncio.create_task(sampler.run(), name="status-history"),
         ]
-        hup = _on_sighup(lambda: runtime.reload(settings.tasks_path))
+        hup = _on_sighup(partial(_reload, runtime, settings))
         completions = Completions(
             runtime.tables,
             runtime.serving,
@@ -170,7 +174,13 @@ async def health(request: Request) -> Response:
 async def ready(request: Request) -> Response:
     rt: Runtime = request.state.runtime
     upstreams = {
-        u.name: {"up": u.up, "model": u.model, "error": u.last_error}
+        u.name: {
+            "up": u.usable,
+            "state": u.state,
+            "overflow": u.overflow,
+            "model": u.model,
+            "error": u.last_error,
+        }
         for u in rt.upstreams.by_name.values()
     }
     ok = rt.upstreams.any_up()
@@ -202,6 +212,13 @@ async def status_json(request: Request) -> Response:
     body["history"] = history.report(rt.dispatcher.now(), since)
     body["bounds"]["history"] = {"max_points": history.max_points, "kept": len(history)}
     return JSONResponse(body, headers={"Cache-Control": "no-store"})
+
+
+def _reload(rt: Runtime, settings: Settings) -> None:
+    """SIGHUP: the task table and keys now, the upstreams file on the roster's next pass."""
+    rt.reload(settings.tasks_path)
+    if rt.roster is not None:
+        rt.roster.wake()
 
 
 def _record(rt: Runtime, exchange: Exchange) -> None:

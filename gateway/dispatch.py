@@ -3,6 +3,10 @@
 The scheduler decides; this module only turns its decisions into woken futures, answers the
 requests it expired or shed, and keeps one timer armed for the next queue deadline. Its
 clock is the event loop's, so scheduler times and timer times agree.
+
+Whether a queued request may spill to an overflow upstream (:mod:`gateway.overflow`)
+depends on how long it has waited, which no event announces: while requests wait and an
+overflow window has room, the timer also fires every ``SPILL_POLL_S``.
 """
 
 from __future__ import annotations
@@ -13,6 +17,10 @@ from collections.abc import Callable
 from gateway.errors import DeadlineExceeded, GatewayError, RateLimited, ServiceUnavailable
 from gateway.metrics import Metrics
 from gateway.scheduler import Dispatch, Expiry, Preempt, Rejected, Scheduler, State, Ticket
+
+#: How late, at most, a queued request is seen to have become overdue for an overflow
+#: upstream when nothing else happens (a twentieth of the tightest shipped queue budget, 2 s).
+SPILL_POLL_S = 0.1
 
 
 class Dispatcher:
@@ -143,6 +151,13 @@ class Dispatcher:
 
     def _arm_timer(self) -> None:
         at = self.scheduler.next_expiry()
+        if self.scheduler.queued and any(
+            w.overflow and w.has_room(0) for w in self.scheduler.windows.values()
+        ):
+            soon = self.now() + SPILL_POLL_S
+            if self._timer_at is not None and self._timer_at <= soon:
+                return  # the armed timer comes soon enough (an early pump is harmless)
+            at = soon if at is None else min(at, soon)
         if at == self._timer_at:
             return
         if self._timer is not None:

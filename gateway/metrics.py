@@ -2,13 +2,15 @@
 
 One registry per gateway instance, built in the lifespan, never the global default one, so
 tests can build as many gateways as they like. Every label value is bounded and known up
-front: task and class names from the task table, upstream names from the settings, and the
+front: task and class names from the task table, upstream names from the settings or the
+upstreams file (a drained upstream's series are removed: :meth:`Metrics.forget_upstream`), and the
 fixed outcome and reason vocabularies below. Series are pre-initialised so dashboards and
 alerts see zeros instead of gaps.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -183,6 +185,13 @@ class Metrics:
         )  # fmt: skip
         for result in RELOAD_RESULTS:
             self.reloads.labels(result)
+        # The upstreams file (gateway.roster): counted like the task table's reloads.
+        self.upstream_reloads = Counter(
+            "gateway_upstreams_file_reloads_total", "Upstreams file reloads, by result.",
+            ["result"], registry=registry,
+        )  # fmt: skip
+        for result in RELOAD_RESULTS:
+            self.upstream_reloads.labels(result)
         self.on_request: RequestHook | None = None
         self.window_lease: Gauge | None = None  # only with Redis (watch_lease)
         self.preinitialise(tasks, classes, upstreams)
@@ -217,6 +226,19 @@ class Metrics:
                 self.upstream_kv_cache, self.window_size, self.breaker_state,
             ):  # fmt: skip
                 gauge.labels(upstream)
+
+    def forget_upstream(self, upstream: str) -> None:
+        """Remove a drained upstream's series, so dashboards stop showing a server that is
+        gone (its counters elsewhere carry no upstream label)."""
+        for gauge in (
+            self.upstream_up, self.upstream_running, self.upstream_waiting,
+            self.upstream_kv_cache, self.window_size, self.breaker_state, self.inflight,
+        ):  # fmt: skip
+            with contextlib.suppress(KeyError):  # never created: nothing to remove
+                gauge.remove(upstream)
+        if self.window_lease is not None:
+            with contextlib.suppress(KeyError):
+                self.window_lease.remove(upstream)
 
     def set_upstream_load(
         self, upstream: str, running: float, waiting: float, kv_cache_usage: float
@@ -268,12 +290,12 @@ class Metrics:
         )
 
     def watch_lease(self, upstream: str, lease: Callable[[], float]) -> None:
-        """Slots of the upstream's window this gateway holds (with Redis; -1 while it is down)."""
+        """Slots of the upstream's window this gateway may fill (Redis; -1 while it is down)."""
         if self.window_lease is None:
             self.window_lease = Gauge(
                 "gateway_window_lease",
-                "Slots of the upstream's window this gateway holds, shared through Redis "
-                "(-1: Redis is down and the whole window is this gateway's).",
+                "Slots of the upstream's window this gateway may fill, split with the other "
+                "gateways through Redis (-1: Redis is down, the whole window is this gateway's).",
                 ["upstream"], registry=self.registry,
             )  # fmt: skip
         self.window_lease.labels(upstream).set_function(lease)

@@ -4,7 +4,9 @@ The runtime is the composition root, not a service locator: the app hands each p
 the other parts it uses. Nothing here is global: tests build as many runtimes as they need.
 The task table and the keys are the parts that change while running (SIGHUP); they live in
 :class:`Tables`, which handlers read once per request, so a request keeps the table it
-started with while new ones see the new table.
+started with while new ones see the new table. With ``--upstreams-file`` the upstream set
+changes too: the :class:`~gateway.roster.Roster` decides, and
+:class:`~gateway.membership.Membership` changes every part that knows of an upstream.
 """
 
 from __future__ import annotations
@@ -22,9 +24,11 @@ from gateway.auth import KeyRing, load_keyring
 from gateway.config import Config, ConfigError, load_config
 from gateway.dispatch import Dispatcher
 from gateway.leases import Leases
+from gateway.membership import Membership, lease_slots, watch_upstream
 from gateway.metrics import Metrics
 from gateway.outbound import Limits, Timeouts, UpstreamClient
 from gateway.recent import Recent
+from gateway.roster import Roster
 from gateway.scheduler import Scheduler, Window
 from gateway.scrape import Scraper, VllmLoad
 from gateway.serving import Serving
@@ -34,6 +38,7 @@ from gateway.shared_limits import SharedLimits
 from gateway.sizing import Sizing
 from gateway.status import Status
 from gateway.upstreams import Upstream, Upstreams, upstream_name
+from gateway.upstreams_file import Entry
 
 log = logging.getLogger("gateway")
 
@@ -62,6 +67,7 @@ class Runtime:
     limits: SharedLimits
     link: RedisLink | None = None  # with --redis
     leases: Leases | None = None
+    roster: Roster | None = None  # with --upstreams-file: keeps the set in step with it
 
     @property
     def config(self) -> Config:
@@ -96,13 +102,21 @@ class Runtime:
 
 
 def build_runtime(
-    settings: Settings, config: Config, registry: CollectorRegistry, keys: KeyRing
+    settings: Settings,
+    config: Config,
+    registry: CollectorRegistry,
+    keys: KeyRing,
+    upstream_entries: tuple[Entry, ...] | None = None,
 ) -> Runtime:
-    """Assemble a runtime. Call inside the running event loop (the client and timers need it)."""
+    """Assemble a runtime. Call inside the running event loop (the client and timers need it).
+
+    ``upstream_entries``: the upstreams file as loaded at the start; the roster then adds them
+    all (and later changes), and ``settings.upstreams`` is not used."""
     client = UpstreamClient(
         Timeouts(connect=settings.connect_timeout_s, read_gap=settings.read_timeout_s), Limits()
     )
-    names = [upstream_name(url) for url in settings.upstreams]
+    urls = () if upstream_entries is not None else settings.upstreams
+    names = [upstream_name(url) for url in urls]
     metrics = Metrics(
         registry,
         ((t.name, t.priority_class) for t in config.tasks.values()),
@@ -126,17 +140,17 @@ def build_runtime(
     )
 
     def on_change(upstream: Upstream) -> None:
-        scheduler.windows[upstream.name].usable = upstream.up
-        metrics.upstream_up.labels(upstream.name).set(1 if upstream.up else 0)
+        scheduler.windows[upstream.name].usable = upstream.usable
+        metrics.upstream_up.labels(upstream.name).set(1 if upstream.usable else 0)
         dispatcher.kick()
 
-    upstreams = Upstreams(
-        settings.upstreams, client, on_change, settings.health_interval_s, clock=dispatcher.now
-    )
+    upstreams = Upstreams(urls, client, on_change, settings.health_interval_s, clock=dispatcher.now)
 
     def on_load(name: str, load: VllmLoad | None) -> None:
         # Other clients' requests at the upstream (e.g. other gateways'); a stale or missing
         # reading counts as none, so it can never hold the window shut.
+        if name not in scheduler.windows:
+            return  # forgotten (drained) meanwhile
         scheduler.windows[name].external = 0 if load is None else load.external
         if load is None:
             metrics.set_upstream_load(name, 0.0, 0.0, 0.0)
@@ -176,14 +190,23 @@ def build_runtime(
     for pclass in config.classes.names():
         metrics.watch_oldest_wait(pclass, partial(_oldest_wait, scheduler, dispatcher.now, pclass))
     for window in windows:
-        metrics.watch_inflight(window.name, partial(getattr, window, "inflight"))
-        metrics.watch_window(window.name, partial(getattr, window, "size"))
-        metrics.watch_breaker(window.name, partial(upstreams.breaker_state, window.name))
+        watch_upstream(metrics, window, upstreams)
     serving = Serving(dispatcher, upstreams, client, metrics, sizing)
     link = leases = None
     if settings.redis_url:
         link, leases = _share(settings.redis_url, metrics, scheduler, dispatcher)
     limits = SharedLimits(dispatcher.now, link, lambda: tables.keys.tenants.values())
+    roster = None
+    if upstream_entries is not None:
+        assert settings.upstreams_file is not None
+        members = Membership(upstreams, scheduler, sizing, scraper, metrics, dispatcher.kick)
+        roster = Roster(
+            settings.upstreams_file,
+            upstream_entries,
+            members,
+            settings.health_interval_s,
+            on_reload=lambda ok: metrics.upstream_reloads.labels("ok" if ok else "refused").inc(),
+        )
     return Runtime(
         settings,
         tables,
@@ -199,6 +222,7 @@ def build_runtime(
         limits,
         link,
         leases,
+        roster,
     )
 
 
@@ -211,12 +235,8 @@ def _share(
     leases = Leases(link, scheduler.windows, lambda: scheduler.queued, dispatcher.kick)
     dispatcher.after_pump = leases.wake
     for window in scheduler.windows.values():
-        metrics.watch_lease(window.name, partial(_lease, window))
+        metrics.watch_lease(window.name, partial(lease_slots, window))
     return link, leases
-
-
-def _lease(window: Window) -> float:
-    return -1.0 if window.lease is None else float(window.lease)
 
 
 def _class_capacity(scheduler: Scheduler, pclass: str) -> int:
@@ -248,6 +268,8 @@ def start_background(runtime: Runtime) -> list[asyncio.Task[None]]:
     if runtime.link is not None and runtime.leases is not None:
         tasks.append(asyncio.create_task(runtime.link.run(), name="redis-link"))
         tasks.append(asyncio.create_task(runtime.leases.run(), name="window-leases"))
+    if runtime.roster is not None:
+        tasks.append(asyncio.create_task(runtime.roster.run(), name="upstreams-file"))
     return tasks
 
 

@@ -27,9 +27,11 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Iterable, Iterator, Mapping
+from functools import partial
 
 from gateway.classes import ClassPolicy, ClassTable, effective_priority
 from gateway.fairness import FairnessPolicy, Ledger
+from gateway.overflow import overdue, spill_to_overflow
 from gateway.preemption import demote_late, shed_candidate, victim
 from gateway.queues import ClassQueue, CompletionRate
 from gateway.tickets import (
@@ -57,12 +59,10 @@ class Scheduler:
         weights: Mapping[str, float] | None = None,
     ) -> None:
         """``fairness``: how tenants of a class share (default: by tokens); ``weights``:
-        each tenant's shares (from the keys file; 1 when not named)."""
-        self.classes = classes
-        self.max_queued = max_queued
+        each tenant's shares (from the keys file; 1 when not named). ``windows`` may change
+        (gateway.membership), and is empty until an upstreams file's entries are added."""
+        self.classes, self.max_queued = classes, max_queued
         self.windows: dict[str, Window] = {w.name: w for w in windows}
-        if not self.windows:
-            raise ValueError("a scheduler needs at least one upstream window")
         self.fairness = fairness or FairnessPolicy()
         self.weights: Mapping[str, float] = weights or {}
         self._queues: dict[str, ClassQueue[Ticket]] = {
@@ -113,8 +113,7 @@ class Scheduler:
         return self._running.keys()
 
     def waiting(self) -> Iterator[Ticket]:
-        for queue in self._queues.values():
-            yield from queue
+        return itertools.chain.from_iterable(self._queues.values())
 
     def oldest_wait(self, class_name: str, now: float) -> float:
         """Seconds the class's longest-waiting request has waited (paused: since arrival)."""
@@ -122,10 +121,9 @@ class Scheduler:
         return 0.0 if oldest is None else max(now - oldest, 0.0)
 
     def saturation(self) -> float:
-        """In flight + queued over the current sizes of the usable windows (at least 1): above
-        1, work waits for capacity. Other clients' load is left out, so the sum over gateways
-        sharing upstreams is the pool's demand over its capacity (deploy/README.md)."""
-        capacity = sum(w.size for w in self.windows.values() if w.usable)
+        """In flight + queued over the usable primary windows' sizes (>= 1): over 1, work
+        waits; summed over gateways, the pool's demand over capacity (deploy/README.md)."""
+        capacity = sum(w.size for w in self.windows.values() if w.usable and not w.overflow)
         inflight = sum(w.inflight for w in self.windows.values())
         return (inflight + self._queued) / max(capacity, 1)
 
@@ -364,6 +362,8 @@ class Scheduler:
         if ticket.avoid:
             others = [w for w in windows if w.usable and w.name not in ticket.avoid]
             windows = others or windows
+        late = partial(overdue, ticket, now, self.completions, self._queues.values())
+        windows = spill_to_overflow(ticket, windows, promoted, late)
         best: Window | None = None
         for window in windows:
             reserved = 0 if promoted else ticket.policy.reserved_slots(window.size)

@@ -206,6 +206,19 @@ class Scraper:
         #: Why the last scrape of an upstream failed; absent when it succeeded.
         self.errors: dict[str, str] = {}
 
+    def add(self, upstream: Upstream) -> None:
+        """Read a new upstream's metrics from the next round on."""
+        self._urls[upstream.name] = f"{upstream.base_url}/metrics"
+        self.loads[upstream.name] = None
+        self._recent[upstream.name] = deque()
+
+    def remove(self, name: str) -> None:
+        """Forget a drained upstream; a scrape of it under way is then ignored."""
+        self._urls.pop(name, None)
+        self.loads.pop(name, None)
+        self._recent.pop(name, None)
+        self.errors.pop(name, None)
+
     async def run(self) -> None:
         """Scrape forever (cancel to stop)."""
         while True:
@@ -219,9 +232,14 @@ class Scraper:
         await asyncio.gather(*(self.scrape(name) for name in self._urls))
 
     async def scrape(self, name: str) -> None:
+        url = self._urls.get(name)
+        if url is None:
+            return  # removed since the round began
         before = self._ours(name)
         try:
-            status, body = await self._client.get(self._urls[name], self._timeout_s)
+            status, body = await self._client.get(url, self._timeout_s)
+            if name not in self._urls:
+                return  # removed while it was being read: nothing here knows it any more
             if status != 200:
                 raise ScrapeFailed(f"/metrics answered {status}")
             ours = max(before, self._ours(name))
@@ -243,6 +261,8 @@ class Scraper:
         self._on_load(name, load)
 
     def _failed(self, name: str, why: str) -> None:
+        if name not in self._urls:
+            return  # removed while it was being read
         if name not in self.errors:  # once per failure streak, not every interval
             log.warning("cannot read %s's metrics, keeping its last load: %s", name, why)
         self.errors[name] = why

@@ -275,7 +275,7 @@ class Serving:
         failed = ticket.upstream
         assert failed is not None
         avoid = ticket.avoid | {failed}
-        others = [u.name for u in self._upstreams.by_name.values() if u.up and u.name not in avoid]
+        others = [n for n, u in self._upstreams.by_name.items() if u.usable and n not in avoid]
         if not others or ticket.expires_at <= self._dispatcher.now():
             return False
         self._dispatcher.release(ticket)

@@ -45,6 +45,8 @@ class Settings:
     access_log: bool = True
     log_level: str = "info"
     redis_url: str | None = None  # shared state between gateways (gateway.shared)
+    # Replaces ``upstreams`` when set: a set that may change while running (gateway.roster).
+    upstreams_file: Path | None = None
 
 
 _ENV = {
@@ -63,6 +65,7 @@ _ENV = {
     "access_log": "GATEWAY_ACCESS_LOG",
     "log_level": "GATEWAY_LOG_LEVEL",
     "redis": "GATEWAY_REDIS_URL",
+    "upstreams_file": "GATEWAY_UPSTREAMS_FILE",
 }
 
 
@@ -87,7 +90,13 @@ def parse_settings(
 
     opt("host", d.host, "address to listen on")
     opt("port", d.port, "port to listen on", int)
-    opt("upstreams", ",".join(d.upstreams), "comma-separated vLLM base URLs")
+    # No default here, so that a list given alongside --upstreams-file can be refused.
+    opt("upstreams", None, f"comma-separated vLLM base URLs (default {','.join(d.upstreams)})")
+    opt(
+        "upstreams_file",
+        None,
+        "TOML file of upstreams, reloaded on SIGHUP and when it changes; instead of --upstreams",
+    )
     opt("window", d.window, "most requests in flight per upstream (its --max-num-seqs)", int)
     opt(
         "window_mode",
@@ -115,7 +124,12 @@ def parse_settings(
         "and one window per upstream split between them; default none (all state local)",
     )
     a = p.parse_args(argv)
-    upstreams = tuple(u.strip().rstrip("/") for u in a.upstreams.split(",") if u.strip())
+    if a.upstreams is not None and a.upstreams_file:
+        p.error(
+            "give --upstreams (UPSTREAMS) or --upstreams-file (GATEWAY_UPSTREAMS_FILE), not both"
+        )
+    listed = ",".join(d.upstreams) if a.upstreams is None else a.upstreams
+    upstreams = tuple(u.strip().rstrip("/") for u in listed.split(",") if u.strip())
     if not upstreams:
         p.error("at least one upstream is required")
     if a.window < 1:
@@ -145,4 +159,5 @@ def parse_settings(
         access_log=str(a.access_log).lower() in ("on", "1", "true", "yes"),
         log_level=a.log_level,
         redis_url=redis_url or None,
+        upstreams_file=Path(a.upstreams_file) if a.upstreams_file else None,
     )

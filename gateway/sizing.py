@@ -26,7 +26,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 
 from gateway.config import Config, Task
 from gateway.tickets import Ticket, Window
@@ -91,24 +91,35 @@ class Sizing:
         on_grow: Callable[[], None],
         scrape_interval_s: float = 2.0,
     ) -> None:
-        self._windows: Mapping[str, Window] = {w.name: w for w in windows}
+        self._windows: dict[str, Window] = {}
         self._running = running
         self._clock = clock
         self._on_grow = on_grow
         self._budgets = ttft_budgets(config)
-        targets = WindowTargets(ttft_s=min(self._budgets.values()), tpot_s=math.inf)
+        self._max_size = max_size
+        self._tuning = tuning_for(scrape_interval_s) if mode == "adaptive" else None
         self.controllers: dict[str, WindowController] = {}
-        if mode == "adaptive":
-            tuning = tuning_for(scrape_interval_s)
-            self.controllers = {
-                name: WindowController(targets, max_size=max_size, initial=max_size, tuning=tuning)
-                for name in self._windows
-            }
-        for name, window in self._windows.items():
-            ctl = self.controllers.get(name)
-            window.size = max_size if ctl is None else ctl.size
         #: The last reading of each upstream's decode histogram: (at, seconds, tokens).
         self._decode: dict[str, tuple[float, float, float]] = {}
+        for window in windows:
+            self.add(window)
+
+    def add(self, window: Window) -> None:
+        """Size a new upstream's window (from ``--window``, as at the start)."""
+        self._windows[window.name] = window
+        if self._tuning is not None:
+            targets = WindowTargets(ttft_s=min(self._budgets.values()), tpot_s=math.inf)
+            ctl = WindowController(
+                targets, max_size=self._max_size, initial=self._max_size, tuning=self._tuning
+            )
+            self.controllers[window.name] = ctl
+        window.size = self._max_size
+
+    def remove(self, name: str) -> None:
+        """Forget a drained upstream's window and what was measured on it."""
+        self._windows.pop(name, None)
+        self.controllers.pop(name, None)
+        self._decode.pop(name, None)
 
     def reconfigure(self, config: Config) -> None:
         self._budgets = ttft_budgets(config)
@@ -153,7 +164,7 @@ class Sizing:
         for ticket in self._running():
             if ticket.upstream is not None:
                 paces[ticket.upstream] = min(paces.get(ticket.upstream, math.inf), ticket.pace_s)
-        for name, ctl in self.controllers.items():
+        for name, ctl in list(self.controllers.items()):
             pace = paces.get(name, math.inf)
             if pace != ctl.targets.tpot_s:
                 ctl.targets = WindowTargets(ttft_s=ctl.targets.ttft_s, tpot_s=pace)
@@ -175,7 +186,7 @@ class Sizing:
 
     async def run(self) -> None:
         """Tick forever (cancel to stop); a fixed window has nothing to do."""
-        if not self.controllers:
+        if self._tuning is None:  # not "no controllers": upstreams may be added later
             return
         while True:
             try:

@@ -124,7 +124,9 @@ def _upstream(st: Status, name: str, now: float) -> dict[str, Any]:
         }
     return {
         "name": name,
-        "up": upstream.up,
+        "up": upstream.usable,
+        "state": upstream.state,  # starting, up, down or draining
+        "overflow": upstream.overflow,
         "model": upstream.model,
         "error": upstream.last_error,
         "inflight": window.inflight,

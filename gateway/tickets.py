@@ -135,6 +135,8 @@ class Window:
     is how many slots this gateway may fill (it dispatches only while it runs fewer) and
     ``shared`` how many the other gateways hold. ``lease`` is None without Redis, or while it
     is down.
+    ``overflow`` marks cold or extra capacity, used only when the primaries cannot keep a
+    request's queue budget (:mod:`gateway.overflow`).
     """
 
     name: str
@@ -144,6 +146,7 @@ class Window:
     usable: bool = True
     lease: int | None = None
     shared: int = 0
+    overflow: bool = False
 
     @property
     def occupied(self) -> int:

@@ -18,6 +18,11 @@ finds nothing listening (connection refused) is starting again: vLLM died or is 
 (serve.sh restarts it), polling a closed port costs nothing, and a cool-down doubling to 60 s
 added up to a minute to the recovery after vLLM was back. Changes of usability are reported
 through one callback, so this module knows nothing of windows or metrics.
+
+The set can change while running (:mod:`gateway.roster`): :meth:`Upstreams.add` puts a new
+upstream in as starting and wakes the loop to check it at once; a *draining* upstream (removed
+from the upstreams file, its in-flight work still finishing) is not usable whatever its
+health; :meth:`Upstreams.forget` drops it once it is drained.
 """
 
 from __future__ import annotations
@@ -45,7 +50,8 @@ STARTING_INTERVAL_S = 0.5
 class Upstream:
     """``name`` (host:port) is the metric label; ``model`` is the served model's id.
 
-    ``up`` means usable: answered a health check and its breaker is closed.
+    ``up`` means healthy: answered a health check and its breaker is closed. ``usable`` also
+    needs it not ``draining``. ``overflow`` marks cold capacity (see :mod:`gateway.roster`).
     """
 
     name: str
@@ -54,6 +60,21 @@ class Upstream:
     up: bool = False
     last_error: str | None = None
     breaker: Breaker = field(default_factory=Breaker)
+    overflow: bool = False
+    draining: bool = False
+
+    @property
+    def usable(self) -> bool:
+        return self.up and not self.draining
+
+    @property
+    def state(self) -> str:
+        """For the status page and /ready: starting, up, down or draining."""
+        if self.draining:
+            return "draining"
+        if self.up:
+            return "up"
+        return "starting" if self.model is None else "down"
 
 
 def upstream_name(base_url: str) -> str:
@@ -73,7 +94,7 @@ class Upstreams:
     ) -> None:
         """``clock`` must be the clock of the event loop that runs the checks; ``breaker`` is
         the policy of every upstream's breaker."""
-        policy = breaker or BreakerPolicy()
+        policy = self._policy = breaker or BreakerPolicy()
         self.by_name = {
             upstream_name(url): Upstream(
                 upstream_name(url), url.rstrip("/"), breaker=Breaker(policy)
@@ -90,7 +111,20 @@ class Upstreams:
         return self.by_name[name]
 
     def any_up(self) -> bool:
-        return any(u.up for u in self.by_name.values())
+        """Whether some upstream (primary or overflow, not draining) can take work."""
+        return any(u.usable for u in self.by_name.values())
+
+    def add(self, base_url: str, *, overflow: bool = False) -> Upstream:
+        """A new upstream: starting (no work) until a health check, which happens now."""
+        name = upstream_name(base_url)
+        upstream = Upstream(name, base_url.rstrip("/"), breaker=Breaker(self._policy))
+        upstream.overflow = overflow
+        self.by_name[name] = upstream
+        self._tripped.set()  # wake the loop: check it now, not an interval from now
+        return upstream
+
+    def forget(self, name: str) -> None:
+        self.by_name.pop(name, None)
 
     def models(self) -> list[str]:
         return sorted({u.model for u in self.by_name.values() if u.model})
@@ -102,14 +136,18 @@ class Upstreams:
 
     def succeeded(self, name: str) -> None:
         """A real request got a proper answer (a client's 4xx included)."""
-        upstream = self.by_name[name]
+        upstream = self.by_name.get(name)
+        if upstream is None:  # forgotten (drained) while the request was ending
+            return
         upstream.breaker.success(self._clock())
         if not upstream.up:  # the hot path: nothing more to do while it is up
             self._update(upstream)
 
     def failed(self, name: str, error: str) -> None:
         """A real request failed through the upstream's fault (not the client's, not a deadline)."""
-        upstream = self.by_name[name]
+        upstream = self.by_name.get(name)
+        if upstream is None:  # forgotten (drained) while the request was ending
+            return
         upstream.last_error = error
         upstream.breaker.failure(self._clock())
         self._update(upstream)
@@ -167,6 +205,8 @@ class Upstreams:
         self._update(upstream)
 
     def _update(self, upstream: Upstream) -> None:
+        if self.by_name.get(upstream.name) is not upstream:
+            return  # forgotten while its check was under way: nobody listens for it
         now = self._clock()
         up = upstream.model is not None and upstream.breaker.state(now) is BreakerState.CLOSED
         if up:

@@ -8,7 +8,11 @@ import signal
 from pathlib import Path
 
 import httpx
+import pytest
 
+from gateway.app import create_app
+from gateway.config import ConfigError
+from gateway.settings import Settings
 from tests.fake_vllm import FakeVllm
 from tests.support import metric
 from tests.unit.conftest import GatewayFactory
@@ -70,3 +74,42 @@ async def wait_for_task(c: httpx.AsyncClient, name: str) -> None:
     async with asyncio.timeout(5):
         while name not in {m["id"] for m in (await c.get("/v1/models")).json()["data"]}:
             await asyncio.sleep(0.02)
+
+
+async def test_sighup_also_reloads_the_upstreams_file(
+    start_gateway: GatewayFactory, fake: FakeVllm, tmp_path: Path
+) -> None:
+    other = FakeVllm()
+    await other.start()
+    listed = tmp_path / "upstreams.toml"
+    listed.write_text(f'[[upstream]]\nurl = "{fake.url}"\n')
+    try:
+        # A minute between polls: only the signal can make the gateway see the change soon.
+        async with (
+            start_gateway(upstreams=(), upstreams_file=listed, health_interval_s=60.0) as url,
+            httpx.AsyncClient(base_url=url, timeout=30) as c,
+        ):
+            listed.write_text(
+                f'[[upstream]]\nurl = "{fake.url}"\n[[upstream]]\nurl = "{other.url}"\n'
+            )
+            os.kill(os.getpid(), signal.SIGHUP)
+            async with asyncio.timeout(5):
+                while len((await c.get("/ready")).json()["upstreams"]) != 2:
+                    await asyncio.sleep(0.02)
+            assert await metric(c, 'gateway_upstreams_file_reloads_total{result="ok"}') == 1
+            listed.write_text("[[upstream]]\nurl = 'http://127.0.0.1:1'\nport = 1\n")
+            os.kill(os.getpid(), signal.SIGHUP)
+            refused = 'gateway_upstreams_file_reloads_total{result="refused"}'
+            async with asyncio.timeout(5):
+                while await metric(c, refused) != 1:
+                    await asyncio.sleep(0.02)
+            assert len((await c.get("/ready")).json()["upstreams"]) == 2  # the set was kept
+    finally:
+        await other.stop()
+
+
+def test_an_invalid_upstreams_file_stops_the_start(tmp_path: Path) -> None:
+    listed = tmp_path / "upstreams.toml"
+    listed.write_text('[[upstream]]\ndns = "vllm"\n')
+    with pytest.raises(ConfigError, match="upstream #1: port is required with dns"):
+        create_app(Settings(upstreams_file=listed))

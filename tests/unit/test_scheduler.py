@@ -821,3 +821,24 @@ def test_a_request_that_aged_past_fresh_work_is_paused_for_it_at_most_once() -> 
     assert dispatched(s.dispatch(70.0)) == [b]  # aged past realtime again (36.1 + 30)
     s.admit(ticket(RT, 70.5), 70.5)
     assert preempted(s.dispatch(70.5)) == []
+
+
+# -- draining windows (gateway.roster) ---------------------------------------------------
+
+
+def test_a_ticket_paused_on_a_draining_upstream_resumes_elsewhere() -> None:
+    s = Scheduler(CLASSES, 512, [Window("old", 1), Window("new", 1, usable=False)])
+    t = ticket(BATCH, 0.0, preemptible=True)
+    admit_all(s, [t], 0.0)
+    assert dispatched(s.dispatch(0.0)) == [t]
+    assert t.upstream == "old"
+    s.windows["old"].usable = False  # removed from the upstreams file: draining
+    s.windows["new"].usable = True
+    s.release(t, 1.0)  # paused (its call cut), then queued again as gateway.serving does
+    s.requeue(t, 1.0)
+    assert dispatched(s.dispatch(1.0)) == [t]
+    assert t.upstream == "new"
+    assert s.windows["old"].inflight == 0
+    s.windows.pop("old")  # drained: forgotten, and releasing the ticket still works
+    s.release(t, 2.0)
+    assert s.windows["new"].inflight == 0

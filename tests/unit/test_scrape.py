@@ -172,6 +172,30 @@ async def test_ours_is_the_larger_count_around_the_scrape(fake: FakeVllm) -> Non
     await client.close()
 
 
+async def test_an_upstream_added_is_read_and_one_removed_mid_read_is_dropped(
+    fake: FakeVllm,
+) -> None:
+    seen: list[tuple[str, VllmLoad | None]] = []
+    removing: list[bool] = []
+
+    def ours(n: str) -> int:
+        if removing:  # the roster forgets it while its page is on the way
+            scraper.remove(n)
+        return 0
+
+    client = UpstreamClient()
+    name = upstream_name(fake.url)
+    scraper = Scraper([], client, lambda n, load: seen.append((n, load)), 1.0, Clock(), ours)
+    scraper.add(Upstream(name, fake.url))
+    await scraper.scrape_all()
+    assert [n for n, _ in seen] == [name]
+    removing.append(True)
+    await scraper.scrape(name)
+    assert len(seen) == 1  # no callback about an upstream nobody knows any more
+    assert name not in scraper.loads
+    await client.close()
+
+
 @asynccontextmanager
 async def another_client_holds(fake: FakeVllm, n: int) -> AsyncIterator[None]:
     """While the block runs, another client (another gateway, say) holds ``n`` requests at

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import math
 from dataclasses import replace
 
@@ -183,3 +184,23 @@ def test_a_reload_retargets_the_controllers() -> None:
     sizing.reconfigure(replace(config, tasks=tasks))
     assert sizing.controllers["a"].targets.ttft_s == 0.25
     assert sizing.controllers["a"].targets.tpot_s == math.inf  # nothing in flight
+
+
+async def test_adaptive_sizing_started_without_upstreams_sizes_the_ones_added_later() -> None:
+    """An upstreams file's servers are added after the start (gateway.roster): the loop must
+    not take "no controllers yet" for "fixed windows"."""
+    sizing = Sizing(
+        [], load_config(None), max_size=4, mode="adaptive", running=list, clock=Clock(),
+        on_grow=lambda: None,
+    )  # fmt: skip
+    loop = asyncio.create_task(sizing.run())
+    await asyncio.sleep(0)  # one step: it returns at once if it thinks it has nothing to do
+    assert not loop.done()
+    window = Window("late", 1)
+    sizing.add(window)
+    assert window.size == 4
+    assert set(sizing.controllers) == {"late"}
+    sizing.remove("late")
+    assert sizing.controllers == {}
+    loop.cancel()
+    await asyncio.gather(loop, return_exceptions=True)
