@@ -22,8 +22,8 @@ one script grants it atomically:
   :attr:`Window.lease`, possibly fewer than it runs): it dispatches no more until it is under
   that, so the slots its requests free go back instead of to its own queue.
 
-Leases are renewed by every sync (a few times a second while a gateway is short or has
-changed, every ``idle_s`` otherwise) and expire with the gateway's liveness
+Leases are renewed by every sync: at once when a gateway is short, or when others are owed
+slots and its load changed; every ``idle_s`` otherwise and expire with the gateway's liveness
 (:mod:`gateway.shared`): a SIGKILLed gateway's slots come back within the TTL. While Redis is
 down each gateway falls back to its whole window and the scraped estimate (``lease`` None).
 
@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import time
 from collections.abc import Callable, Mapping
 
@@ -43,7 +44,8 @@ from gateway.shared import PRELUDE, RedisLink
 from gateway.tickets import Window
 
 # ARGV[4..] upstream, in flight, want, window size. Returns {slots the caller may fill, slots
-# the others hold}. The caller holds the larger of what it may fill and what it runs.
+# the others hold, slots others are owed}. The caller holds the larger of what it may fill and
+# what it runs.
 _SYNC = (
     PRELUDE
     + """
@@ -72,7 +74,7 @@ if owed == 0 then keep = math.max(want, mine) end
 local may = math.max(math.min(keep, size - others - owed), 0)
 local new = math.max(inflight, may)
 if new > 0 then redis.call('HSET', hk, gw, new); own(hk) else redis.call('HDEL', hk, gw) end
-return {may, others}
+return {may, others, owed}
 """
 )
 
@@ -107,6 +109,7 @@ class Leases:
         self._woken = asyncio.Event()
         self._sent: dict[str, tuple[int, int, int]] = {}  # upstream: (in flight, want, size)
         self._synced_at: dict[str, float] = {}
+        self._owed: dict[str, int] = {}  # upstream: slots the others are owed (last sync)
         link.on_down(self.local)
         link.on_up(self.wake)
 
@@ -126,8 +129,10 @@ class Leases:
             if self._link.up:
                 await self.sync_all()
 
-    async def sync_all(self) -> None:
-        await asyncio.gather(*(self._sync(w) for w in list(self._windows.values())))
+    async def sync_all(self, *, force: bool = False) -> None:
+        """Sync every window that is due (all of them with ``force``)."""
+        windows = list(self._windows.values())
+        await asyncio.gather(*(self._sync(w, force) for w in windows))
 
     def local(self) -> None:
         """Redis is gone: every window is this gateway's again (with the scraped estimate)."""
@@ -139,21 +144,27 @@ class Leases:
     def _want(self, window: Window) -> int:
         return min(window.size, window.inflight + self._queued()) if window.usable else 0
 
-    async def _sync(self, window: Window) -> None:
+    def _due(self, window: Window, state: tuple[int, int, int], now: float) -> bool:
+        """Whether to sync now. Not on every request: a lone gateway would pay a script per
+        dispatch and per release for nothing (measured: most of Redis' added cost)."""
+        name = window.name
+        if window.lease is None or now - self._synced_at.get(name, -math.inf) >= self._idle_s:
+            return True  # (re)joined, or time to renew and to learn the others' wants
+        if state[1] > window.lease:
+            return True  # short: ask now (the others may have given slots back)
+        # Others are owed slots: give back as soon as ours free up.
+        return self._owed.get(name, 0) > 0 and state != self._sent.get(name)
+
+    async def _sync(self, window: Window, force: bool) -> None:
         state = (window.inflight, self._want(window), window.size)
         now = self._clock()
-        if (
-            state == self._sent.get(window.name)
-            and window.lease is not None
-            and window.lease >= state[1]  # short: ask again, others may have given slots back
-            and now - self._synced_at.get(window.name, -1e9) < self._idle_s
-        ):
+        if not (force or self._due(window, state, now)):
             return
         self._sent[window.name], self._synced_at[window.name] = state, now
         answer = await self._link.call(self._script, (window.name, *state))
         if answer is None:  # Redis went away: local() has run, or will on the link's news
             return
-        lease, shared = int(answer[0]), int(answer[1])
+        lease, shared, self._owed[window.name] = (int(x) for x in answer)
         if (lease, shared) != (window.lease, window.shared):
             window.lease, window.shared = lease, shared
             self._kick()

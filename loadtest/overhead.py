@@ -20,11 +20,13 @@ the requests wrk completed. Any non-2xx answer or socket error aborts the run (e
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
 import shutil
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -81,6 +83,7 @@ class Target:
     base_url: str
     model: str
     pid: int
+    key: str | None = None  # an API key, sent as Authorization: Bearer
 
     def body(self, stream: bool) -> str:
         body: dict[str, Any] = {
@@ -147,6 +150,10 @@ def wait_until_ok(url: str, process: subprocess.Popen[bytes], timeout_s: float =
         if process.poll() is not None:
             raise Failure(f"{process.args!r} exited with {process.returncode}")
         try:
+            if url.startswith("tcp://"):  # a server that speaks no HTTP: listening is ready
+                host, port = url.removeprefix("tcp://").rsplit(":", 1)
+                with socket.create_connection((host, int(port)), timeout=1):
+                    return
             with urllib.request.urlopen(url, timeout=1) as response:
                 if response.status == 200:
                     return
@@ -178,10 +185,11 @@ def server(args: list[str], ready_url: str, log: Path, stdout: Path | None = Non
 # -- checks ---------------------------------------------------------------------------------
 
 
-def post(url: str, body: str) -> tuple[int, bytes]:
-    request = urllib.request.Request(
-        url, data=body.encode(), headers={"Content-Type": "application/json"}, method="POST"
-    )
+def post(url: str, body: str, key: str | None = None) -> tuple[int, bytes]:
+    headers = {"Content-Type": "application/json"}
+    if key is not None:
+        headers["Authorization"] = f"Bearer {key}"
+    request = urllib.request.Request(url, data=body.encode(), headers=headers, method="POST")
     with urllib.request.urlopen(request, timeout=10) as response:
         return response.status, response.read()
 
@@ -189,11 +197,11 @@ def post(url: str, body: str) -> tuple[int, bytes]:
 def check_answers(target: Target) -> None:
     """One request of each kind, by hand, before trusting wrk's counts."""
     url = target.base_url + "/v1/chat/completions"
-    status, raw = post(url, target.body(stream=False))
+    status, raw = post(url, target.body(stream=False), target.key)
     answer = json.loads(raw)
     if status != 200 or not answer["choices"][0]["message"]["content"]:
         raise Failure(f"{target.name}: bad chat answer {status} {raw[:200]!r}")
-    status, raw = post(url, target.body(stream=True))
+    status, raw = post(url, target.body(stream=True), target.key)
     events = [e for e in raw.split(b"\n\n") if e]
     content = [e for e in events if b'"delta":{"content"' in e]
     if status != 200 or len(content) != CHUNKS or events[-1] != b"data: [DONE]":
@@ -213,6 +221,8 @@ def wrk(target: Target, scenario: Scenario, seconds: float) -> tuple[dict[str, A
         "wrk", "-t1", f"-c{scenario.connections}", f"-d{seconds:g}s", "--latency",
         "--timeout", "5s", "-s", str(LUA), url,
     ]  # fmt: skip
+    if target.key is not None:
+        args[1:1] = ["-H", f"Authorization: Bearer {target.key}"]
     env = {**os.environ, "WRK_BODY": target.body(scenario.stream)}
     if scenario.delay_ms:
         env["WRK_DELAY_MS"] = str(scenario.delay_ms)
@@ -409,6 +419,53 @@ def machine() -> dict[str, Any]:
     }
 
 
+# -- with Redis (issue 13) --------------------------------------------------------------------
+
+#: The tenant of the Redis target: limits high enough never to refuse, so that every request
+#: runs the shared-limits scripts (admission, then the end's write) and never a refusal.
+REDIS_KEY = "sk-overhead"
+
+
+def with_redis(
+    stack: ExitStack, py: str, fake_url: str, port: int, tmp: Path, logs: Path,
+    args: argparse.Namespace,
+) -> Target:  # fmt: skip
+    """A third gateway, access log off like the second, sharing state through a real local
+    redis-server: its API key's tenant has a request rate, a token rate and a concurrency cap
+    (every request runs the shared-limits scripts), and its window is leased."""
+    redis_bin = shutil.which("redis-server")
+    if redis_bin is None:
+        raise Failure("redis-server is not installed; as root: apt-get install -y redis-server")
+    redis_port = port + 1
+    stack.enter_context(
+        server(
+            [redis_bin, "--bind", "127.0.0.1", "--port", str(redis_port), "--save", "",
+             "--appendonly", "no"],
+            f"tcp://127.0.0.1:{redis_port}", logs / "overhead-redis.log",
+        )
+    )  # fmt: skip
+    keys = tmp / "keys.toml"
+    digest = "sha256:" + hashlib.sha256(REDIS_KEY.encode()).hexdigest()
+    keys.write_text(
+        f'[tenants.bench]\nkeys = ["{digest}"]\nrequests_per_s = 1000000\n'
+        "tokens_per_s = 100000000\nmax_concurrent = 100000\n"
+    )
+    pid = stack.enter_context(
+        server(
+            [py, "-m", "gateway", "--host", "127.0.0.1", "--port", str(port),
+             "--upstreams", fake_url, "--window", str(args.window), "--access-log", "off",
+             "--log-level", "warning", "--redis", f"redis://127.0.0.1:{redis_port}/0",
+             "--keys", str(keys)],
+            f"http://127.0.0.1:{port}/ready",
+            logs / "overhead-gateway-redis.log",
+        )
+    )  # fmt: skip
+    return Target(REDIS_TARGET, f"http://127.0.0.1:{port}", "chat", pid, key=REDIS_KEY)
+
+
+REDIS_TARGET = "gateway, Redis"
+
+
 # -- main -----------------------------------------------------------------------------------
 
 
@@ -454,6 +511,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 )
             )  # fmt: skip
             targets.append(Target(name, f"http://127.0.0.1:{port}", "chat", pid))
+        if args.redis:
+            targets.append(with_redis(stack, py, fake_url, base + 5, Path(tmp), logs, args))
         ours = [t.pid for t in targets]
         wait_for_quiet(ours, args.quiet_pct, args.max_wait)
         for target in targets:
@@ -513,6 +572,11 @@ def main() -> int:
         "--port-base", type=int, default=19010, help="fake on it, minimal proxy +2, gateways +3, +4"
     )
     p.add_argument("--window", type=int, default=1_000_000, help="gateway dispatch window")
+    p.add_argument(
+        "--redis",
+        action="store_true",
+        help="also a gateway sharing state through a local redis-server (port base +6, +7)",
+    )
     p.add_argument(
         "--quiet-pct",
         type=float,

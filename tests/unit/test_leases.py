@@ -46,8 +46,10 @@ class Gateway:
             self.window.inflight += 1
             self.queued -= 1
 
-    async def sync(self) -> int | None:
-        await self.leases.sync_all()
+    async def sync(self, *, force: bool = True) -> int | None:
+        """Sync now (by default even if not due: these tests follow the protocol step by
+        step); the slots this gateway may fill."""
+        await self.leases.sync_all(force=force)
         return self.window.lease
 
 
@@ -162,3 +164,26 @@ async def test_without_redis_the_whole_window_is_local(gateways: Make, redis: Re
     assert a.link.up
     await a.sync()
     assert a.window.lease == 3  # what runs is held again
+
+
+async def test_a_lone_gateway_does_not_sync_per_request(gateways: Make) -> None:
+    a = await gateways(size=4)
+    a.queued = 1
+    assert await a.sync(force=False) == 1  # never synced: due
+    synced = a.leases._synced_at[a.window.name]
+    for _ in range(20):  # requests come and go within its lease, nobody else is short
+        a.run(1)
+        await a.sync(force=False)
+        a.window.inflight, a.queued = 0, 1
+        await a.sync(force=False)
+    assert a.leases._synced_at[a.window.name] == synced  # no script ran (renewed only by time)
+    a.queued = 3
+    assert await a.sync(force=False) == 3  # short: asks at once
+    b = await gateways(size=4)
+    b.queued = 4
+    assert await b.sync(force=False) == 1  # owed 2 (its share), A holds 3
+    assert await a.sync(force=True) == 2  # its periodic sync: B is owed, A may fill 2 of 3
+    a.run(2)
+    a.window.inflight, a.queued = 1, 0  # one finishes, the last queued one is gone
+    assert await a.sync(force=False) == 1  # due at once: B is owed
+    assert await b.sync(force=False) == 3

@@ -7,6 +7,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -142,3 +143,33 @@ async def test_without_redis_the_local_limits_hold_and_it_rejoins(
     second.done(time.monotonic(), 0)
     await a.limits.drain()
     await b.admit()
+
+
+async def test_a_requests_end_rides_on_the_next_admission(pair: Make) -> None:
+    """One Redis call per request, not two: an end waits for the next admission's call (or
+    goes alone after ENDS_WAIT_S), and is still counted by the other gateways."""
+    policy = TenantPolicy("acme", max_concurrent=1, tokens_per_s=1000)
+    a, b = await pair(policy), await pair(policy)
+    calls = 0
+    call = a.link.call
+
+    async def counted(*args: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        return await call(*args)
+
+    a.link.call = counted  # type: ignore[method-assign]
+    for _ in range(5):
+        (await a.admit()).done(time.monotonic(), 10)
+    assert calls == 5  # each admission carried the previous request's end
+    with pytest.raises(RateLimited):  # the last end has not been written yet: B sees A's 1
+        await b.admit()
+    deadline = time.monotonic() + 5
+    while True:  # within ENDS_WAIT_S it goes alone
+        try:
+            await b.admit()
+            break
+        except RateLimited:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.01)
+    assert calls == 6
