@@ -32,6 +32,7 @@ from gateway.classes import ClassPolicy, ClassTable, effective_priority
 from gateway.fairness import FairnessPolicy, Ledger
 from gateway.preemption import demote_late, shed_candidate, victim
 from gateway.queues import ClassQueue, CompletionRate
+from gateway.routing import Router
 from gateway.tickets import (
     Admitted,
     Dispatch,
@@ -55,9 +56,12 @@ class Scheduler:
         windows: Iterable[Window],
         fairness: FairnessPolicy | None = None,
         weights: Mapping[str, float] | None = None,
+        router: Router | None = None,
     ) -> None:
         """``fairness``: how tenants of a class share (default: by tokens); ``weights``:
-        each tenant's shares (from the keys file; 1 when not named)."""
+        each tenant's shares (from the keys file; 1 when not named); ``router``: which of
+        the windows with room a ticket takes (default: task affinity, see
+        :mod:`gateway.routing`)."""
         self.classes = classes
         self.max_queued = max_queued
         self.windows: dict[str, Window] = {w.name: w for w in windows}
@@ -65,6 +69,7 @@ class Scheduler:
             raise ValueError("a scheduler needs at least one upstream window")
         self.fairness = fairness or FairnessPolicy()
         self.weights: Mapping[str, float] = weights or {}
+        self.router = router or Router()
         self._queues: dict[str, ClassQueue[Ticket]] = {
             p.name: ClassQueue() for p in classes.ordered
         }
@@ -351,14 +356,12 @@ class Scheduler:
         if ticket.avoid:
             others = [w for w in windows if w.usable and w.name not in ticket.avoid]
             windows = others or windows
-        best: Window | None = None
-        for window in windows:
-            reserved = 0 if promoted else ticket.policy.reserved_slots(window.size)
-            if window.has_room(reserved) and (
-                best is None or window.occupied / window.size < best.occupied / best.size
-            ):
-                best = window
-        return best
+        fits = [
+            w
+            for w in windows
+            if w.has_room(0 if promoted else ticket.policy.reserved_slots(w.size))
+        ]
+        return self.router.choose(ticket.task, fits, tuple(self.windows))
 
     def release(self, ticket: Ticket, now: float) -> None:
         """A dispatched ticket finished (any outcome): free its slot."""

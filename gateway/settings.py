@@ -12,6 +12,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from gateway.routing import ROUTING_MODES, RoutingMode
 from gateway.window_tuning import WindowMode
 
 
@@ -44,6 +45,7 @@ class Settings:
     shutdown_grace_s: float = 30.0
     access_log: bool = True
     log_level: str = "info"
+    routing: RoutingMode = "affinity"  # which upstream with room a request takes (gateway.routing)
 
 
 _ENV = {
@@ -61,6 +63,7 @@ _ENV = {
     "shutdown_grace": "GATEWAY_SHUTDOWN_GRACE",
     "access_log": "GATEWAY_ACCESS_LOG",
     "log_level": "GATEWAY_LOG_LEVEL",
+    "routing": "GATEWAY_ROUTING",
 }
 
 
@@ -106,6 +109,12 @@ def parse_settings(
     )
     opt("access_log", "on" if d.access_log else "off", "JSON access log: on or off")
     opt("log_level", d.log_level, "debug, info, warning or error")
+    opt(
+        "routing",
+        d.routing,
+        "affinity (a task's requests to the same upstream, for vLLM's prefix cache) or "
+        "least-loaded",
+    )
     a = p.parse_args(argv)
     upstreams = tuple(u.strip().rstrip("/") for u in a.upstreams.split(",") if u.strip())
     if not upstreams:
@@ -115,6 +124,9 @@ def parse_settings(
     mode = str(a.window_mode).lower()
     if mode not in ("adaptive", "fixed"):
         p.error("--window-mode must be adaptive or fixed")
+    routing = next((r for r in ROUTING_MODES if r == str(a.routing).lower()), None)
+    if routing is None:
+        p.error(f"--routing must be one of {', '.join(ROUTING_MODES)}")
     if not (math.isfinite(a.shutdown_grace) and a.shutdown_grace >= 0):
         p.error("--shutdown-grace must be a number of seconds, zero or more")
     return Settings(
@@ -133,4 +145,5 @@ def parse_settings(
         shutdown_grace_s=a.shutdown_grace,
         access_log=str(a.access_log).lower() in ("on", "1", "true", "yes"),
         log_level=a.log_level,
+        routing=routing,
     )
