@@ -31,6 +31,7 @@ Module layers, top to bottom; a module imports only from the rows below its own:
     config       the task table   fields  a request's knobs   sse  event framing   outbound  HTTP
     window       the adaptive window controller (pure logic, explicit clock)
     classes  errors  metrics  settings  breaker  middleware  estimates  recent
+    routing      which upstream with room a request takes: task affinity or least-loaded
     window_tuning  the adaptive window's settings and reports    shared  the Redis link
     fairness     tenants' token shares of a class (virtual counters) and the stream meter
 """

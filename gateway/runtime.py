@@ -29,6 +29,7 @@ from gateway.metrics import Metrics
 from gateway.outbound import Limits, Timeouts, UpstreamClient
 from gateway.recent import Recent
 from gateway.roster import Roster
+from gateway.routing import Router
 from gateway.scheduler import Scheduler, Window
 from gateway.scrape import Scraper, VllmLoad
 from gateway.serving import Serving
@@ -125,7 +126,12 @@ def build_runtime(
     )
     windows = [Window(name, settings.window, usable=False) for name in names]
     scheduler = Scheduler(
-        config.classes, config.max_queued, windows, config.fairness, keys.weights()
+        config.classes,
+        config.max_queued,
+        windows,
+        config.fairness,
+        keys.weights(),
+        Router(settings.routing),
     )
     dispatcher = Dispatcher(scheduler, metrics)
     sizing = Sizing(

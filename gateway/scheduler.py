@@ -34,6 +34,7 @@ from gateway.fairness import FairnessPolicy, Ledger
 from gateway.overflow import overdue, spill_to_overflow
 from gateway.preemption import demote_late, shed_candidate, victim
 from gateway.queues import ClassQueue, CompletionRate
+from gateway.routing import Router
 from gateway.tickets import (
     Admitted,
     Dispatch,
@@ -57,14 +58,18 @@ class Scheduler:
         windows: Iterable[Window],
         fairness: FairnessPolicy | None = None,
         weights: Mapping[str, float] | None = None,
+        router: Router | None = None,
     ) -> None:
         """``fairness``: how tenants of a class share (default: by tokens); ``weights``:
-        each tenant's shares (from the keys file; 1 when not named). ``windows`` may change
-        (gateway.membership), and is empty until an upstreams file's entries are added."""
+        each tenant's shares (from the keys file; 1 when not named); ``router``: which of
+        the windows with room a ticket takes (default: task affinity, gateway.routing).
+        ``windows`` may change (gateway.membership); empty until an upstreams file's entries
+        are added."""
         self.classes, self.max_queued = classes, max_queued
         self.windows: dict[str, Window] = {w.name: w for w in windows}
         self.fairness = fairness or FairnessPolicy()
         self.weights: Mapping[str, float] = weights or {}
+        self.router = router or Router()
         self._queues: dict[str, ClassQueue[Ticket]] = {
             p.name: ClassQueue() for p in classes.ordered
         }
@@ -364,14 +369,9 @@ class Scheduler:
             windows = others or windows
         late = partial(overdue, ticket, now, self.completions, self._queues.values())
         windows = spill_to_overflow(ticket, windows, promoted, late)
-        best: Window | None = None
-        for window in windows:
-            reserved = 0 if promoted else ticket.policy.reserved_slots(window.size)
-            if window.has_room(reserved) and (
-                best is None or window.occupied / window.size < best.occupied / best.size
-            ):
-                best = window
-        return best
+        reserve = ticket.policy.reserved_slots
+        fits = [w for w in windows if w.has_room(0 if promoted else reserve(w.size))]
+        return self.router.choose(ticket.task, fits, tuple(self.windows))
 
     def release(self, ticket: Ticket, now: float) -> None:
         """A dispatched ticket finished (any outcome): free its slot."""

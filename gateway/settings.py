@@ -12,6 +12,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from gateway.routing import ROUTING_MODES, RoutingMode
 from gateway.window_tuning import WindowMode
 
 
@@ -47,6 +48,7 @@ class Settings:
     redis_url: str | None = None  # shared state between gateways (gateway.shared)
     # Replaces ``upstreams`` when set: a set that may change while running (gateway.roster).
     upstreams_file: Path | None = None
+    routing: RoutingMode = "affinity"  # which upstream with room a request takes (gateway.routing)
 
 
 _ENV = {
@@ -66,6 +68,7 @@ _ENV = {
     "log_level": "GATEWAY_LOG_LEVEL",
     "redis": "GATEWAY_REDIS_URL",
     "upstreams_file": "GATEWAY_UPSTREAMS_FILE",
+    "routing": "GATEWAY_ROUTING",
 }
 
 
@@ -123,6 +126,12 @@ def parse_settings(
         "Redis URL (redis://host:6379/0) shared by several gateways: global tenant limits "
         "and one window per upstream split between them; default none (all state local)",
     )
+    opt(
+        "routing",
+        d.routing,
+        "affinity (a task's requests to the same upstream, for vLLM's prefix cache) or "
+        "least-loaded",
+    )
     a = p.parse_args(argv)
     if a.upstreams is not None and a.upstreams_file:
         p.error(
@@ -137,6 +146,9 @@ def parse_settings(
     mode = str(a.window_mode).lower()
     if mode not in ("adaptive", "fixed"):
         p.error("--window-mode must be adaptive or fixed")
+    routing = next((r for r in ROUTING_MODES if r == str(a.routing).lower()), None)
+    if routing is None:
+        p.error(f"--routing must be one of {', '.join(ROUTING_MODES)}")
     if not (math.isfinite(a.shutdown_grace) and a.shutdown_grace >= 0):
         p.error("--shutdown-grace must be a number of seconds, zero or more")
     redis_url = a.redis.strip() if a.redis else None
@@ -160,4 +172,5 @@ def parse_settings(
         log_level=a.log_level,
         redis_url=redis_url or None,
         upstreams_file=Path(a.upstreams_file) if a.upstreams_file else None,
+        routing=routing,
     )

@@ -96,6 +96,7 @@ async def test_killed_upstream_mid_stream_failover_and_recovery(
         upstreams=(victim.url, vllm.url),  # the victim first: it wins ties, so it gets work
         window=4,
         window_mode="fixed",
+        routing="least-loaded",  # ties by load (task affinity would pick by the task's hash)
         health_interval_s=0.5,
         access_log=False,
     )

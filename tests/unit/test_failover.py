@@ -40,13 +40,15 @@ async def other() -> AsyncIterator[FakeVllm]:
 
 @pytest.fixture
 def start_pair(fake: FakeVllm, other: FakeVllm) -> PairFactory:
-    """A gateway in front of both fakes; ``fake`` comes first, so it wins ties."""
+    """A gateway in front of both fakes; ``fake`` comes first, so it wins ties. Routing is
+    least-loaded: these tests place work by load, task affinity is tests/unit/test_routing.py."""
 
     def start(**changes: object) -> AbstractAsyncContextManager[str]:
         base: dict[str, object] = {
             "upstreams": (fake.url, other.url),
             "window": 4,
             "window_mode": "fixed",
+            "routing": "least-loaded",
             "health_interval_s": 0.2,
             "access_log": False,
         }
@@ -133,7 +135,11 @@ async def test_a_non_stream_cut_off_before_its_answer_is_sent_again(other: FakeV
     dying = DyingVllm()
     await dying.start()
     settings = Settings(
-        upstreams=(dying.url, other.url), window=4, health_interval_s=0.2, access_log=False
+        upstreams=(dying.url, other.url),
+        window=4,
+        routing="least-loaded",  # the tie goes to the first: dying
+        health_interval_s=0.2,
+        access_log=False,
     )
     try:
         async with (

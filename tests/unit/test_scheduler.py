@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gateway.classes import DEFAULT_POLICIES, ClassPolicy, ClassTable
+from gateway.routing import Router, hash_order
 from gateway.scheduler import (
     Admitted,
     Dispatch,
@@ -34,8 +35,8 @@ RT, INTER, STD, BATCH, BG = (CLASSES[n] for n in CLASSES.names())
 def ticket(
     policy: ClassPolicy, arrival: float, queue_s: float = 1e9, total_s: float = 1e9, **kw: object
 ) -> Ticket:
+    kw.setdefault("task", policy.name)
     return Ticket(
-        task=policy.name,
         policy=policy,
         arrival=arrival,
         queue_deadline=arrival + queue_s,
@@ -235,6 +236,39 @@ def test_unusable_upstream_gets_nothing_and_least_loaded_wins() -> None:
     s.admit(t3, 0.0)
     s.dispatch(0.0)
     assert t3.upstream == "u0"
+
+
+def test_one_tasks_requests_go_to_one_upstream_and_two_tasks_spread() -> None:
+    """Affinity (the default): each task keeps to its home while the load guard allows."""
+    s = scheduler(window=8, upstreams=2)
+    homes = {hash_order(f"task-{i}", ("u0", "u1"))[0]: f"task-{i}" for i in range(50)}
+    a, b = homes["u0"], homes["u1"]  # two tasks with different homes (found, not assumed)
+    for n in range(3):
+        t = ticket(INTER, float(n), task=a)
+        s.admit(t, float(n))
+        assert [d.upstream for d in dispatched(s.dispatch(float(n)))] == ["u0"]
+        s.release(t, float(n))  # done before the next: the load stays even
+    ts = [ticket(INTER, 3.0, task=a), ticket(INTER, 3.0, task=b), ticket(INTER, 3.0, task=b)]
+    admit_all(s, ts, 3.0)
+    assert [t.upstream for t in dispatched(s.dispatch(3.0))] == ["u0", "u1", "u1"]
+
+
+def test_a_hot_task_spills_past_the_margin_and_least_loaded_ignores_the_task() -> None:
+    s = scheduler(window=4, upstreams=2)
+    task = next(f"task-{i}" for i in range(50) if hash_order(f"task-{i}", ("u0", "u1"))[0] == "u1")
+    ts = [ticket(INTER, 0.0, task=task) for _ in range(4)]
+    admit_all(s, ts, 0.0)
+    s.dispatch(0.0)
+    # u1, u1 (1/4 busier: within the margin), then 2/4 vs 0/4 spills, then u1 again
+    assert [t.upstream for t in ts] == ["u1", "u1", "u0", "u1"]
+
+    flat = Scheduler(
+        CLASSES, 512, [Window("u0", 4), Window("u1", 4)], router=Router("least-loaded")
+    )
+    ts = [ticket(INTER, 0.0, task=task) for _ in range(4)]
+    admit_all(flat, ts, 0.0)
+    flat.dispatch(0.0)
+    assert [t.upstream for t in ts] == ["u0", "u1", "u0", "u1"]
 
 
 def test_external_load_reported_by_the_upstream_limits_the_window() -> None:
