@@ -31,10 +31,6 @@ GATEWAY_PORT = Settings().port
 VLLM_PORT = 8000
 REDIS_PORT = 6379
 
-#: Settings agreed for issue 13 that other branches add to gateway/settings.py: accepted here
-#: before they are merged (then gateway_env_names() lists them itself).
-AGREED_ENV = frozenset({"GATEWAY_REDIS_URL", "GATEWAY_UPSTREAMS_FILE", "GATEWAY_ROUTING"})
-
 
 # -- helpers -----------------------------------------------------------------------------------
 
@@ -243,7 +239,7 @@ def test_one_max_num_seqs_default_everywhere() -> None:
 
 
 def test_gateway_services_set_only_settings_the_gateway_reads() -> None:
-    known = gateway_env_names() | AGREED_ENV
+    known = gateway_env_names()
     assert set(gateway_services()) == {"gateway", "gateway-b"}
     for name, svc in gateway_services().items():
         names = set(environment(svc))
