@@ -19,7 +19,7 @@ from gateway.auth import hash_key
 from tests.integration.test_vllm_scheduling import GO
 from tests.redis_server import RedisServer, redis_server
 from tests.servers import gateway_process_handle
-from tests.support import metric
+from tests.support import metric, metric_value
 from tests.vllm_server import OUTPUT, VllmServer, free_port
 
 TTL_S = 5.0  # gateway.shared.RedisLink's default lease TTL
@@ -57,11 +57,14 @@ def batch(c: httpx.AsyncClient, max_tokens: int) -> asyncio.Task[httpx.Response]
 
 
 async def sample_vllm(vllm: VllmServer, seen: list[float], stop: asyncio.Event) -> None:
-    while not stop.is_set():
-        running = await asyncio.to_thread(vllm.metric, "vllm:num_requests_running")
-        waiting = await asyncio.to_thread(vllm.metric, "vllm:num_requests_waiting")
-        seen.append(running + waiting)
-        await asyncio.sleep(0.05)
+    """vLLM's running + waiting, from one reading of its metrics page, every 50 ms (a busy
+    vLLM answers slowly: then less often)."""
+    async with httpx.AsyncClient(base_url=vllm.url, timeout=30) as c:
+        while not stop.is_set():
+            text = (await c.get("/metrics")).text
+            running = metric_value(text, "vllm:num_requests_running")
+            seen.append(running + metric_value(text, "vllm:num_requests_waiting"))
+            await asyncio.sleep(0.05)
 
 
 async def test_two_gateways_never_put_more_than_the_window_on_vllm(
@@ -75,7 +78,7 @@ async def test_two_gateways_never_put_more_than_the_window_on_vllm(
         seen: list[float] = []
         stop = asyncio.Event()
         sampler = asyncio.create_task(sample_vllm(vllm, seen, stop))
-        work = [batch(c, 120) for c in (a, b) for _ in range(6)]
+        work = [batch(c, 200) for c in (a, b) for _ in range(6)]
         inflight: list[tuple[float, float]] = []
         while not all(t.done() for t in work):
             label = vllm.url.split("://", 1)[1]
@@ -86,8 +89,8 @@ async def test_two_gateways_never_put_more_than_the_window_on_vllm(
         await sampler
         results = await asyncio.gather(*work)
     assert [r.status_code for r in results] == [200] * 12, [r.text for r in results]
-    assert len(seen) > 20
-    assert max(seen) <= vllm.max_num_seqs, seen
+    assert len(seen) >= 5, seen
+    assert max(seen) == vllm.max_num_seqs, seen  # it saw the window full, and never over
     assert max(x + y for x, y in inflight) <= vllm.max_num_seqs
     both = [(x, y) for x, y in inflight if x > 0 and y > 0]
     assert both, "the two gateways never ran work side by side"
