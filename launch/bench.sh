@@ -50,6 +50,7 @@ case $name in
         ;;
     overhead)
         command -v wrk >/dev/null || apt_install wrk
+        case " $* " in *" --redis "*) command -v redis-server >/dev/null || apt_install redis-server ;; esac
         ;;
     sim) # simulated vLLMs in loadtest/: no vLLM, no model (loadtest/README-sim.md)
         exec "$VENV/bin/python" loadtest/sim_bench.py "$@"
