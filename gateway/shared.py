@@ -6,7 +6,8 @@ and split each upstream's window between them (:mod:`gateway.leases`). This modu
 connection and two rules every shared counter follows:
 
 - **Redis is a helper, never a dependency of an answer.** Every call has a short timeout; the
-  first failure marks the link down (logged once, ``gateway_redis_up 0``), and from then on the
+  first failure (a refused or broken connection, or a timeout that a probe right after
+  confirms) marks the link down (logged once, ``gateway_redis_up 0``), and from then on the
   callers get ``None`` at once and serve on local state, with no per-request timeout, until
   the background loop reaches Redis again (then ``gateway_redis_up 1``, logged, and the
   callers' ``on_up`` hooks write this gateway's counts back). No request gets a 5xx because
@@ -39,6 +40,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError, RedisError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeout
 
 log = logging.getLogger("gateway.shared")
 
@@ -108,6 +110,7 @@ class RedisLink:
         self._on_up: list[Callable[[], Any]] = []
         self._on_down: list[Callable[[], None]] = []
         self._heartbeat = self.script(_HEARTBEAT)
+        self._probe: asyncio.Task[None] | None = None
 
     def script(self, body: str) -> AsyncScript:
         """Register a Lua script (it should start with :data:`PRELUDE`); redis-py loads it
@@ -138,9 +141,31 @@ class RedisLink:
         except ResponseError as exc:  # a script error: our bug, not an outage
             log.error("a Redis script failed (serving on local state): %s", exc)
             return None
-        except (RedisError, OSError, TimeoutError) as exc:
+        except (RedisTimeout, TimeoutError) as exc:
+            self._suspect(exc)
+            return None
+        except (RedisError, OSError) as exc:
             self._down(exc)
             return None
+
+    def _suspect(self, exc: BaseException) -> None:
+        """A call timed out: this call goes local, and a probe decides whether Redis is down.
+
+        A timeout alone is no verdict: on a loaded host the gateway's own event loop can stall
+        past the timeout (seen in CI, two cores running vLLM: two false outages in 12 s
+        flipped both gateways to their whole windows). A probe sent after the stall answers
+        at once if Redis is fine; if it times out too, Redis is down.
+        """
+        if self._probe is None or self._probe.done():
+            self._probe = asyncio.create_task(self._check(exc), name="redis-probe")
+
+    async def _check(self, first: BaseException) -> None:
+        try:
+            await self._heartbeat(args=(PREFIX, self.ident, int(self.ttl_s * 1000)))
+        except (RedisError, OSError, TimeoutError) as exc:
+            self._down(exc)
+        else:
+            log.info("a Redis call timed out (%s) but Redis answers: still shared", first)
 
     async def run(self) -> None:
         """Renew this gateway's liveness while Redis is up; reconnect when it is not. Cancel
@@ -154,6 +179,9 @@ class RedisLink:
 
     async def close(self) -> None:
         """Give this gateway's shares back at once (rather than after the TTL), then close."""
+        if self._probe is not None:
+            self._probe.cancel()
+            await asyncio.gather(self._probe, return_exceptions=True)
         if self.up:
             with contextlib.suppress(RedisError, OSError, TimeoutError):
                 async with asyncio.timeout(self._timeout_s):

@@ -4,6 +4,7 @@ with their own ids, as two processes would have)."""
 from __future__ import annotations
 
 import asyncio
+import signal
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
@@ -173,3 +174,35 @@ async def test_a_requests_end_rides_on_the_next_admission(pair: Make) -> None:
             assert time.monotonic() < deadline
             await asyncio.sleep(0.01)
     assert calls == 6
+
+
+async def test_a_timeout_is_not_an_outage_unless_a_probe_confirms_it(
+    redis: RedisServer,
+) -> None:
+    """A call that times out goes local; Redis is declared down only if a probe right after
+    times out too (a gateway's own event loop can stall past the timeout on a loaded host)."""
+    changes: list[bool] = []
+    link = RedisLink(redis.url, on_change=changes.append, timeout_s=0.2)
+    limits = SharedLimits(time.monotonic, link)
+    tenant = Tenant.of(TenantPolicy("acme", requests_per_s=100))
+    await link._reconnect()
+    assert redis.process is not None
+    try:
+        redis.process.send_signal(signal.SIGSTOP)  # Redis stops answering for a moment
+        await limits.admit(tenant)  # times out: admitted on local limits
+        redis.process.send_signal(signal.SIGCONT)
+        assert link._probe is not None
+        await link._probe
+        assert link.up
+        assert changes == [True]
+        redis.process.send_signal(signal.SIGSTOP)  # and now for good
+        await limits.admit(tenant)
+        assert link._probe is not None
+        await link._probe  # times out too: down
+        assert not link.up
+        assert changes == [True, False]
+    finally:
+        redis.process.send_signal(signal.SIGCONT)
+    await link._reconnect()
+    assert changes == [True, False, True]
+    await link.close()
