@@ -172,7 +172,9 @@ def build_runtime(
         on_load,
         settings.health_interval_s,
         dispatcher.now,
-        ours=lambda name: scheduler.windows[name].inflight,
+        # Ours and, with Redis, the other gateways' leased slots: the scraped rest is load from
+        # clients that are not gateways (the leases already count the gateways exactly).
+        ours=lambda name: scheduler.windows[name].inflight + scheduler.windows[name].shared,
     )
     recent = Recent()
     metrics.on_request = recent.add

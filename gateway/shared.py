@@ -88,7 +88,7 @@ class RedisLink:
         url: str,
         *,
         on_change: Callable[[bool], None],
-        timeout_s: float = 0.5,
+        timeout_s: float = 2.0,
         ttl_s: float = 5.0,
         heartbeat_s: float = 1.0,
         ident: str | None = None,

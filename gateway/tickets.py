@@ -134,7 +134,10 @@ class Window:
     With Redis (:mod:`gateway.leases`) the gateways split the window exactly instead: ``lease``
     is how many slots this gateway may fill (it dispatches only while it runs fewer) and
     ``shared`` how many the other gateways hold. ``lease`` is None without Redis, or while it
-    is down.
+    is down. ``external`` then counts only what the leases do not explain (clients that are
+    not gateways): the scrape takes ``inflight + shared`` as accounted for. Trusting the
+    scraped peak for the other gateways too held a gateway out of slots the other had just
+    given back for 2 s (the scrape's hold), and the two never ran side by side.
     ``overflow`` marks cold or extra capacity, used only when the primaries cannot keep a
     request's queue budget (:mod:`gateway.overflow`).
     """
@@ -150,7 +153,7 @@ class Window:
 
     @property
     def occupied(self) -> int:
-        return self.inflight + max(self.external, self.shared)
+        return self.inflight + self.shared + self.external
 
     def has_room(self, reserved: int) -> bool:
         return (

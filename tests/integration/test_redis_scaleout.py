@@ -18,7 +18,7 @@ import pytest
 from gateway.auth import hash_key
 from tests.integration.test_vllm_scheduling import GO
 from tests.redis_server import RedisServer, redis_server
-from tests.servers import gateway_process_handle
+from tests.servers import gateway_process_handle, server_timing_ms
 from tests.support import metric, metric_value
 from tests.vllm_server import OUTPUT, VllmServer, free_port
 
@@ -67,36 +67,46 @@ async def sample_vllm(vllm: VllmServer, seen: list[float], stop: asyncio.Event) 
             await asyncio.sleep(0.05)
 
 
+async def timed(c: httpx.AsyncClient, max_tokens: int) -> tuple[float, float, httpx.Response]:
+    """A batch request and when it ran at the upstream, on this process' clock: from its
+    dispatch (sent + the gateway's queue time, Server-Timing) to its answer."""
+    sent = time.monotonic()
+    body = {"model": "batch", "messages": GO, "max_tokens": max_tokens}
+    r = await c.post("/v1/chat/completions", json=body)
+    return sent + server_timing_ms(r.headers, "queue") / 1000, time.monotonic(), r
+
+
 async def test_two_gateways_never_put_more_than_the_window_on_vllm(
     vllm: VllmServer, redis: RedisServer
 ) -> None:
     """Each gateway alone would fill vLLM's 4 slots with its own 6 batch requests (8 in all,
-    4 waiting in vLLM); with the leases they split the 4."""
+    4 waiting in vLLM); with the leases they split the 4, and run side by side."""
     async with AsyncExitStack() as stack:
         a, _ = await start(stack, args(vllm, redis), "window-a")
         b, _ = await start(stack, args(vllm, redis), "window-b")
         seen: list[float] = []
         stop = asyncio.Event()
         sampler = asyncio.create_task(sample_vllm(vllm, seen, stop))
-        work = [batch(c, 200) for c in (a, b) for _ in range(6)]
-        inflight: list[tuple[float, float]] = []
+        work = [asyncio.create_task(timed(c, 200)) for c in (a, b) for _ in range(6)]
         redis_up: list[float] = []
-        query = f'gateway_inflight_requests{{upstream="{vllm.url.split("://", 1)[1]}"}}'
         while not all(t.done() for t in work):
-            pages = [(await c.get("/metrics")).text for c in (a, b)]
-            inflight.append((metric_value(pages[0], query), metric_value(pages[1], query)))
-            redis_up += [metric_value(page, "gateway_redis_up") for page in pages]
+            redis_up += [await metric(c, "gateway_redis_up") for c in (a, b)]
             await asyncio.sleep(0.1)
         stop.set()
         await sampler
-        results = await asyncio.gather(*work)
-    assert [r.status_code for r in results] == [200] * 12, [r.text for r in results]
+        runs = await asyncio.gather(*work)
+    assert [r.status_code for _, _, r in runs] == [200] * 12, [r.text for _, _, r in runs]
     assert len(seen) >= 5, seen
     assert max(seen) == vllm.max_num_seqs, seen  # it saw the window full, and never over
-    assert max(x + y for x, y in inflight) <= vllm.max_num_seqs
     assert min(redis_up) == 1  # shared all along: no false outage on a loaded machine
-    both = [(x, y) for x, y in inflight if x > 0 and y > 0]
-    assert both, "the two gateways never ran work side by side"
+    # Side by side: some request of A ran at vLLM for a while together with one of B (the
+    # first lease design let one gateway refill its slots while the other waited).
+    overlaps = [
+        min(end_a, end_b) - max(start_a, start_b)
+        for start_a, end_a, _ in runs[:6]
+        for start_b, end_b, _ in runs[6:]
+    ]
+    assert max(overlaps) > 0.2, overlaps
 
 
 async def test_a_killed_gateways_slots_come_back_within_the_lease_ttl(
