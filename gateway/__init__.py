@@ -14,6 +14,7 @@ Module layers, top to bottom; a module imports only from the rows below its own:
     lifecycle    the owner of a request's resources and its record
     dispatch     asyncio glue around the scheduler  resume     continue a paused generation
     shared_limits  tenants' limits across gateways (Redis)  leases  windows split across gateways
+    limits_script  the shared limits' Redis script: check and take, atomically
     membership   an upstream added, drained or forgotten in every part that knows of it
     sizing       each upstream's window size: fixed, or from its controller and measurements
     history      the status page's last minutes: points sampled into a bounded ring

@@ -6,12 +6,13 @@ no network), which can only refuse what the shared limits would refuse too, sinc
 is part of everyone's. Then, for a tenant that has a limit and while Redis is up, one script
 applies the same limits to the traffic of every gateway, atomically (as LiteLLM and Envoy's
 rate-limit service do): the token buckets live in Redis, refilled by Redis' clock, and the
-concurrency cap sums every live gateway's count of the tenant's requests in progress. A
-request the shared limits refuse is given back to the local counters.
+concurrency cap sums every live gateway's count of the tenant's slots. A request the shared
+limits refuse is given back to the local counters.
 
-When the request ends, its tokens are charged to the shared token bucket and the gateway's
-count is written again, off the request's path: with the next admission's call, or within
-:data:`ENDS_WAIT_S` (other gateways may see a count up to that old). While
+A busy tenant does not cost a call per request: each call leases a share of the tenant's
+limits for :data:`HOLD_S` (request credits, spare slots), and admissions the lease covers stay
+local (see :class:`SharedLimits`). When a request ends, its tokens are charged to the shared
+token bucket off the request's path: with the next call, or within :data:`ENDS_WAIT_S`. While
 Redis is down, only the local limits apply: each gateway then allows a tenant its full limits
 (N gateways, up to N times the rate) rather than refusing work it cannot account for.
 """
@@ -25,72 +26,14 @@ from typing import Any
 
 from gateway.auth import Tenant, TenantPolicy
 from gateway.errors import RateLimited
-from gateway.shared import PRELUDE, RedisLink
-
-# ARGV[4] n, then n ends of 5 arguments (tenant, its count now, cap or -1, tokens used, token
-# rate or 0), then optionally one admission of 7 (tenant, count if admitted, cap or -1, request
-# rate or 0, its burst, token rate or 0, its burst). Returns {1} (admitted, or nothing asked)
-# or {0, reason, ms to wait}.
-_LIMITS = (
-    PRELUDE
-    + """
-local function level(key, rate, burst)
-  local v = redis.call('HMGET', key, 'level', 'at')
-  if not v[1] then return burst end
-  return math.min(burst, tonumber(v[1]) + (now - tonumber(v[2])) * rate / 1000)
-end
-local function count(tenant, n)
-  local active = P .. 'active:' .. tenant
-  if n > 0 then redis.call('HSET', active, gw, n); own(active)
-  else redis.call('HDEL', active, gw) end
-end
-local ends, i = tonumber(ARGV[4]), 5
-for _ = 1, ends do
-  local tenant, n, cap = ARGV[i], tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2])
-  local tokens, tps = tonumber(ARGV[i + 3]), tonumber(ARGV[i + 4])
-  if cap >= 0 then count(tenant, n) end
-  if tps > 0 and tokens > 0 then
-    local key, burst = P .. 'tokens:' .. tenant, math.max(tps, 1)
-    local k = level(key, tps, burst) - tokens
-    redis.call('HSET', key, 'level', tostring(k), 'at', now)
-    -- Kept until the debt is repaid and the bucket is full again; then it may go.
-    redis.call('PEXPIRE', key, math.ceil((burst - k) * 1000 / tps) + 1000)
-  end
-  i = i + 5
-end
-if #ARGV < i then return {1} end
-local tenant, n, cap = ARGV[i], tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2])
-local rps, rburst = tonumber(ARGV[i + 3]), tonumber(ARGV[i + 4])
-local tps, tburst = tonumber(ARGV[i + 5]), tonumber(ARGV[i + 6])
-if cap >= 0 then
-  local others, counts = 0, redis.call('HGETALL', P .. 'active:' .. tenant)
-  for j = 1, #counts, 2 do
-    if counts[j] ~= gw then others = others + tonumber(counts[j + 1]) end
-  end
-  if others + n > cap then return {0, 'concurrency', 1000} end
-end
-local rkey, tkey = P .. 'requests:' .. tenant, P .. 'tokens:' .. tenant
-local r, k
-if rps > 0 then
-  r = level(rkey, rps, rburst)
-  if r < 1 then return {0, 'rate_limited', math.ceil((1 - r) * 1000 / rps)} end
-end
-if tps > 0 then
-  k = level(tkey, tps, tburst)
-  if k < 0 then return {0, 'rate_limited', math.ceil(-k * 1000 / tps)} end
-end
-if rps > 0 then
-  redis.call('HSET', rkey, 'level', tostring(r - 1), 'at', now)
-  redis.call('PEXPIRE', rkey, math.ceil(rburst * 1000 / rps) + 1000)
-end
-if tps > 0 then redis.call('HSET', tkey, 'level', tostring(k), 'at', now) end
-if cap >= 0 then count(tenant, n) end
-return {1}
-"""
-)
+from gateway.limits_script import LIMITS
+from gateway.shared import RedisLink
 
 #: Ends wait at most this long for an admission to ride on; then they go on their own.
 ENDS_WAIT_S = 0.05
+
+#: A lease on a tenant's shared limits lasts this long: admissions it covers make no call.
+HOLD_S = 0.25
 
 
 def _limited(policy: TenantPolicy) -> bool:
@@ -122,14 +65,70 @@ class Grant:
             self._done = None
 
 
+class _Lease:
+    """What this gateway holds of one tenant's shared limits until ``until``: request credits
+    taken from the shared bucket, slots counted in the shared cap beyond its requests in
+    progress, and the shared token bucket's level when it was granted."""
+
+    __slots__ = (
+        "asking", "credits", "held", "level", "sent", "tenant", "timer", "until", "used",
+    )  # fmt: skip
+
+    def __init__(self, tenant: Tenant) -> None:
+        self.tenant = tenant
+        self.credits = 0  # taken from the shared request bucket, not used yet
+        self.held = 0  # this gateway's count in the shared cap (>= its requests in progress)
+        self.level = 0.0  # the shared token bucket at the last answer
+        self.until = -math.inf
+        self.used = 0  # admissions in this lease: the next one asks for twice as many
+        self.sent = 0  # which call's answer set held and level (the newest sent wins)
+        self.timer: asyncio.TimerHandle | None = None
+        # The call in flight for this tenant, if any. One at a time: two calls could reach
+        # Redis in the other order, and the older count would overwrite the newer.
+        self.asking: asyncio.Future[None] | None = None
+
+    def covers(self, tenant: Tenant, now: float, debt: int) -> bool:
+        """Whether one more request (already counted in ``tenant.active``) fits the lease."""
+        p = tenant.policy
+        return (
+            now < self.until
+            and (not p.requests_per_s or self.credits >= 1)
+            and (p.max_concurrent is None or tenant.active <= self.held)
+            and (not p.tokens_per_s or self.level - debt >= 0)
+        )
+
+
+class _End:
+    """What the next call writes for one tenant: tokens its requests used, credits given back,
+    and its count."""
+
+    __slots__ = ("refund", "tenant", "tokens")
+
+    def __init__(self, tenant: Tenant) -> None:
+        self.tenant = tenant
+        self.tokens = 0
+        self.refund = 0
+
+
 class SharedLimits:
     """Admits requests against their tenant's limits: this gateway's, and everyone's when a
     Redis link is given and up.
 
-    A request's end (its tokens, the tenant's new count) is not a call of its own: it rides
-    on the next admission's call, or goes alone after at most :data:`ENDS_WAIT_S`. A Redis call
-    costs the gateway about 0.1 ms of CPU (redis-py; measured), as much as the rest of a
-    request's handling, so one call per request rather than two.
+    A Redis call costs the gateway about 0.1 ms of CPU (redis-py; measured), as much as the
+    rest of a request's handling, and its round trip is on the request's path. So a gateway
+    leases a share of a busy tenant's limits for :data:`HOLD_S`, as it leases window slots
+    (:mod:`gateway.leases`): request credits taken from the shared bucket (twice what it used
+    in its last lease, at most an eighth of a second of the tenant's rate), spare slots in the
+    shared cap (as many as it has requests in progress, at most half of what is free), and the
+    shared token bucket's level. Admissions the lease covers make no call. The limits stay
+    exact where they are counts: credits and slots are taken from the shared ones, unused
+    credits go back to the bucket and spare slots are given back when the lease ends. The
+    token rate, checked on the bucket's level as tokens are charged after the fact, may lag
+    by one lease. A tenant limited to a few requests a second gets one credit per call, which
+    is the old behaviour: one call per request.
+
+    A request's end (its tokens, the tenant's new count once no lease holds it) rides on the
+    next call, or goes alone after at most :data:`ENDS_WAIT_S`.
     """
 
     def __init__(
@@ -143,29 +142,90 @@ class SharedLimits:
         self._clock = clock
         self._link = link
         self._tenants = tenants
-        self._ends: dict[str, tuple[Tenant, int]] = {}  # tenant: (its object, tokens used)
+        self._ends: dict[str, _End] = {}
+        self._leases: dict[str, _Lease] = {}
+        self._sent = 0
         self._timer: asyncio.TimerHandle | None = None
         self._pending: set[asyncio.Task[object]] = set()
         if link is not None:
-            self._script = link.script(_LIMITS)
+            self._script = link.script(LIMITS)
             link.on_up(self._write_back)
+            link.on_down(self._forget)
+
+    @property
+    def calls(self) -> int:
+        """Admission calls made to Redis so far."""
+        return self._sent
 
     async def admit(self, tenant: Tenant) -> Grant:
         """Count one request against the tenant's limits; RateLimited if it is over one."""
-        tenant.admit(self._clock())
+        now = self._clock()
+        tenant.admit(now)
         link, p = self._link, tenant.policy
         if link is None or not _limited(p):
             return Grant(tenant, None)
         if not link.up:  # admitted on local limits; its end is still written if Redis is back
             return Grant(tenant, self._release)
-        rps, tps = p.requests_per_s or 0.0, p.tokens_per_s or 0.0
-        admission = (p.name, tenant.active, _cap(p), rps, max(rps, 1.0), tps, max(tps, 1.0))
+        lease = self._leases.get(p.name)
+        if lease is None:
+            lease = self._leases[p.name] = _Lease(tenant)
+        while True:
+            end = self._ends.get(p.name)
+            if lease.covers(tenant, now, end.tokens if end is not None else 0):
+                if p.requests_per_s:
+                    lease.credits -= 1
+                lease.used += 1
+                return Grant(tenant, self._release)
+            if lease.asking is None:
+                break
+            try:  # the renewal in flight may cover this one too
+                await asyncio.shield(lease.asking)
+            except BaseException:
+                tenant.undo_admit(self._clock())
+                raise
+            now = self._clock()
+            if not link.up:
+                return Grant(tenant, self._release)
+        lease.asking = asyncio.get_running_loop().create_future()
         try:
-            answer = await link.call(self._script, (*self._take_ends(), *admission))
+            return await self._ask(tenant, lease)
+        finally:
+            lease.asking.set_result(None)
+            lease.asking = None
+
+    async def _ask(self, tenant: Tenant, lease: _Lease) -> Grant:
+        """Admit through Redis, and take a new lease."""
+        assert self._link is not None
+        p = tenant.policy
+        rps, tps = p.requests_per_s or 0.0, p.tokens_per_s or 0.0
+        if lease.credits:  # given back with this call; the new lease takes what it needs
+            self._end(tenant).refund += lease.credits
+            lease.credits = 0
+        want = min(max(1, 2 * lease.used), max(1, int(rps * HOLD_S / 2)))
+        n = tenant.active
+        admission = (
+            p.name, n, _cap(p), rps, max(rps, 1.0), tps, max(tps, 1.0),
+            want, max(2, tenant.active),
+        )  # fmt: skip
+        self._sent += 1
+        sent = self._sent
+        try:
+            answer = await self._link.call(self._script, (*self._take_ends(), *admission))
         except BaseException:
             tenant.undo_admit(self._clock())
             raise
-        if answer is None or int(answer[0]) == 1:  # None: Redis went away, local limits hold
+        if answer is None:  # Redis went away: the local limits hold
+            return Grant(tenant, self._release)
+        if int(answer[0]) == 1:
+            credits, spare = int(answer[1]), int(answer[2])
+            lease.credits += credits - 1 if rps else 0
+            if sent > lease.sent:  # an older call answering late must not undo a newer one
+                lease.sent = sent
+                lease.held = n + spare
+                lease.level = float(answer[3])
+            lease.used = 1
+            lease.until = self._clock() + HOLD_S
+            self._expire_later(p.name, lease)
             return Grant(tenant, self._release)
         tenant.undo_admit(self._clock())
         reason = answer[1].decode() if isinstance(answer[1], bytes) else str(answer[1])
@@ -183,14 +243,51 @@ class SharedLimits:
             retry_after_s=wait_s,
         )
 
-    def _release(self, tenant: Tenant, tokens: int) -> None:
-        p = tenant.policy
-        if p.max_concurrent is None and not (p.tokens_per_s and tokens):
-            return  # nothing shared changes
-        _, used = self._ends.get(p.name, (tenant, 0))
-        self._ends[p.name] = (tenant, used + tokens)
+    def _end(self, tenant: Tenant) -> _End:
+        end = self._ends.get(tenant.name)
+        if end is None:
+            end = self._ends[tenant.name] = _End(tenant)
+        return end
+
+    def _expire_later(self, name: str, lease: _Lease) -> None:
+        if lease.timer is None:
+            loop = asyncio.get_running_loop()
+            lease.timer = loop.call_at(loop.time() + HOLD_S, self._expire, name, lease)
+
+    def _expire(self, name: str, lease: _Lease) -> None:
+        """A lease ran out: give back its unused credits and spare slots, unless it was
+        renewed meanwhile (then wait for the renewal's end)."""
+        lease.timer = None
+        left = lease.until - self._clock()
+        if left > 0:
+            loop = asyncio.get_running_loop()
+            lease.timer = loop.call_at(loop.time() + left, self._expire, name, lease)
+        elif lease.credits or lease.held > lease.tenant.active:
+            self._return(lease)
+
+    def _return(self, lease: _Lease) -> None:
+        """Queue the lease's unused credits and spare slots to go back (its end writes the
+        tenant's count as its requests in progress, since the lease no longer holds more)."""
+        end = self._end(lease.tenant)
+        end.refund += lease.credits
+        lease.credits = 0
+        lease.held = 0
+        self._write_soon()
+
+    def _write_soon(self) -> None:
         if self._timer is None:
             self._timer = asyncio.get_running_loop().call_later(ENDS_WAIT_S, self._flush)
+
+    def _release(self, tenant: Tenant, tokens: int) -> None:
+        p = tenant.policy
+        lease = self._leases.get(p.name)
+        held = lease is not None and self._clock() < lease.until
+        counted = p.max_concurrent is not None and not held  # a held slot stays held
+        charged = bool(p.tokens_per_s and tokens)
+        if not (counted or charged):
+            return  # nothing shared changes now
+        self._end(tenant).tokens += tokens if charged else 0
+        self._write_soon()
 
     def _take_ends(self) -> list[str | int | float]:
         """The ends waiting to be written, as the script's arguments (their count first)."""
@@ -198,9 +295,17 @@ class SharedLimits:
             self._timer.cancel()
             self._timer = None
         args: list[str | int | float] = [len(self._ends)]
-        for name, (tenant, tokens) in self._ends.items():
-            p = tenant.policy  # the count is read now: the newest is the one to write
-            args += [name, tenant.active, _cap(p), tokens, p.tokens_per_s or 0.0]
+        now = self._clock()
+        for name, end in self._ends.items():
+            p = end.tenant.policy  # the count is read now: the newest is the one to write
+            lease = self._leases.get(name)
+            count = end.tenant.active
+            if lease is not None and now < lease.until:
+                count = max(count, lease.held)
+            args += [
+                name, count, _cap(p), end.tokens, p.tokens_per_s or 0.0,
+                end.refund, p.requests_per_s or 0.0,
+            ]  # fmt: skip
         self._ends.clear()
         return args
 
@@ -210,12 +315,20 @@ class SharedLimits:
         if self._link is not None and self._link.up and self._ends:
             self._spawn(self._link.call(self._script, self._take_ends()))
 
+    def _forget(self) -> None:
+        """Redis is gone: leases mean nothing now (the counts are written back on return)."""
+        for lease in self._leases.values():
+            if lease.timer is not None:
+                lease.timer.cancel()
+            lease.until = -math.inf
+        self._leases.clear()
+
     async def _write_back(self) -> None:
         """After Redis returns: this gateway's count of each tenant's requests in progress."""
         assert self._link is not None
         for tenant in self._tenants():
             if tenant.policy.max_concurrent is not None:
-                self._ends.setdefault(tenant.name, (tenant, 0))
+                self._end(tenant)
         if self._ends:
             await self._link.call(self._script, self._take_ends())
 
@@ -225,7 +338,15 @@ class SharedLimits:
         task.add_done_callback(self._pending.discard)
 
     async def drain(self) -> None:
-        """Send the ends still waiting, and wait for the writes in flight (at shutdown)."""
+        """Give the leases back, send the ends still waiting, and wait for the writes in
+        flight (at shutdown)."""
+        for lease in self._leases.values():
+            if lease.timer is not None:
+                lease.timer.cancel()
+                lease.timer = None
+            lease.until = -math.inf
+            if lease.credits or lease.held > lease.tenant.active:
+                self._return(lease)
         self._flush()
         if self._pending:
             await asyncio.gather(*self._pending, return_exceptions=True)
