@@ -12,7 +12,8 @@ limits refuse is given back to the local counters.
 A busy tenant does not cost a call per request: each call leases a share of the tenant's
 limits for :data:`HOLD_S` (request credits, spare slots), and admissions the lease covers stay
 local (see :class:`SharedLimits`). When a request ends, its tokens are charged to the shared
-token bucket off the request's path: with the next call, or within :data:`ENDS_WAIT_S`. While
+token bucket off the request's path: with the next call, or within :data:`ENDS_WAIT_S` (within
+:data:`HOLD_S` while a lease holds the tenant, since the token rate may lag by a lease). While
 Redis is down, only the local limits apply: each gateway then allows a tenant its full limits
 (N gateways, up to N times the rate) rather than refusing work it cannot account for.
 """
@@ -71,7 +72,8 @@ class _Lease:
     progress, and the shared token bucket's level when it was granted."""
 
     __slots__ = (
-        "asking", "credits", "held", "level", "sent", "tenant", "timer", "until", "used",
+        "asked", "asking", "credits", "held", "level", "peak", "sent", "tenant", "timer",
+        "until", "used",
     )  # fmt: skip
 
     def __init__(self, tenant: Tenant) -> None:
@@ -80,7 +82,9 @@ class _Lease:
         self.held = 0  # this gateway's count in the shared cap (>= its requests in progress)
         self.level = 0.0  # the shared token bucket at the last answer
         self.until = -math.inf
-        self.used = 0  # admissions in this lease: the next one asks for twice as many
+        self.used = 0  # admissions in this lease
+        self.asked = 0  # credits the last call asked for
+        self.peak = 0  # most requests in progress during this lease
         self.sent = 0  # which call's answer set held and level (the newest sent wins)
         self.timer: asyncio.TimerHandle | None = None
         # The call in flight for this tenant, if any. One at a time: two calls could reach
@@ -128,7 +132,8 @@ class SharedLimits:
     is the old behaviour: one call per request.
 
     A request's end (its tokens, the tenant's new count once no lease holds it) rides on the
-    next call, or goes alone after at most :data:`ENDS_WAIT_S`.
+    next call, or goes alone after at most :data:`ENDS_WAIT_S` (:data:`HOLD_S` if all it
+    changes is the tokens charged while a lease holds the tenant).
     """
 
     def __init__(
@@ -175,6 +180,7 @@ class SharedLimits:
                 if p.requests_per_s:
                     lease.credits -= 1
                 lease.used += 1
+                lease.peak = max(lease.peak, tenant.active)
                 return Grant(tenant, self._release)
             if lease.asking is None:
                 break
@@ -198,14 +204,15 @@ class SharedLimits:
         assert self._link is not None
         p = tenant.policy
         rps, tps = p.requests_per_s or 0.0, p.tokens_per_s or 0.0
+        want = min(max(1, self._want(lease, self._clock())), max(1, int(rps * HOLD_S / 2)))
+        lease.asked = want
         if lease.credits:  # given back with this call; the new lease takes what it needs
             self._end(tenant).refund += lease.credits
             lease.credits = 0
-        want = min(max(1, 2 * lease.used), max(1, int(rps * HOLD_S / 2)))
         n = tenant.active
         admission = (
             p.name, n, _cap(p), rps, max(rps, 1.0), tps, max(tps, 1.0),
-            want, max(2, tenant.active),
+            want, max(2, n, lease.peak),
         )  # fmt: skip
         self._sent += 1
         sent = self._sent
@@ -223,7 +230,7 @@ class SharedLimits:
                 lease.sent = sent
                 lease.held = n + spare
                 lease.level = float(answer[3])
-            lease.used = 1
+            lease.used, lease.peak = 1, n
             lease.until = self._clock() + HOLD_S
             self._expire_later(p.name, lease)
             return Grant(tenant, self._release)
@@ -242,6 +249,15 @@ class SharedLimits:
             code="rate_limited",
             retry_after_s=wait_s,
         )
+
+    @staticmethod
+    def _want(lease: _Lease, now: float) -> int:
+        """How many credits to ask for: twice as many as last time if they ran out before the
+        lease ended, as many if it is renewed for its slots or tokens, and twice what the
+        last lease used if it ran out of time."""
+        if now >= lease.until:
+            return 2 * lease.used
+        return 2 * lease.asked if lease.credits < 1 else lease.asked
 
     def _end(self, tenant: Tenant) -> _End:
         end = self._ends.get(tenant.name)
@@ -274,9 +290,14 @@ class SharedLimits:
         lease.held = 0
         self._write_soon()
 
-    def _write_soon(self) -> None:
-        if self._timer is None:
-            self._timer = asyncio.get_running_loop().call_later(ENDS_WAIT_S, self._flush)
+    def _write_soon(self, within_s: float = ENDS_WAIT_S) -> None:
+        loop = asyncio.get_running_loop()
+        at = loop.time() + within_s
+        if self._timer is not None and self._timer.when() <= at:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = loop.call_at(at, self._flush)
 
     def _release(self, tenant: Tenant, tokens: int) -> None:
         p = tenant.policy
@@ -287,7 +308,7 @@ class SharedLimits:
         if not (counted or charged):
             return  # nothing shared changes now
         self._end(tenant).tokens += tokens if charged else 0
-        self._write_soon()
+        self._write_soon(ENDS_WAIT_S if counted else HOLD_S)
 
     def _take_ends(self) -> list[str | int | float]:
         """The ends waiting to be written, as the script's arguments (their count first)."""
