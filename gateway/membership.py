@@ -13,11 +13,12 @@ from collections.abc import Callable
 from functools import partial
 
 from gateway.metrics import Metrics
-from gateway.roster import Member, Target
+from gateway.roster import Member
 from gateway.scheduler import Scheduler, Window
 from gateway.scrape import Scraper
 from gateway.sizing import Sizing
 from gateway.upstreams import Upstreams
+from gateway.upstreams_file import UrlEntry
 
 
 def watch_upstream(metrics: Metrics, window: Window, upstreams: Upstreams) -> None:
@@ -58,12 +59,12 @@ class Membership:
     def present(self) -> dict[str, Member]:
         return {name: Member(u.overflow, u.draining) for name, u in self._upstreams.by_name.items()}
 
-    def add(self, name: str, target: Target) -> None:
+    def add(self, name: str, target: UrlEntry) -> None:
         # Not usable until its health check passes (the health loop's on_change says so).
         window = Window(name, 1, usable=False, overflow=target.overflow)
         self._sizing.add(window)
         self._scheduler.windows[name] = window
-        upstream = self._upstreams.add(target.base_url, overflow=target.overflow)
+        upstream = self._upstreams.add(target.url, overflow=target.overflow)
         self._scraper.add(upstream)
         self._metrics.preinitialise((), (), [name])
         watch_upstream(self._metrics, window, self._upstreams)
@@ -73,7 +74,7 @@ class Membership:
         self._scheduler.windows[name].usable = False
         self._metrics.upstream_up.labels(name).set(0)
 
-    def undrain(self, name: str, target: Target) -> None:
+    def undrain(self, name: str, target: UrlEntry) -> None:
         upstream = self._upstreams[name]
         upstream.draining = False
         self.set_overflow(name, target.overflow)

@@ -52,14 +52,6 @@ Resolver = Callable[[str, int], Awaitable[list[str]]]
 
 
 @dataclass(frozen=True, slots=True)
-class Target:
-    """An upstream the file asks for."""
-
-    base_url: str
-    overflow: bool = False
-
-
-@dataclass(frozen=True, slots=True)
 class Member:
     """What the roster needs to know of a present upstream."""
 
@@ -71,10 +63,10 @@ class Member:
 class Plan:
     """The changes that turn the present set into the wanted one (names, or name to target)."""
 
-    add: dict[str, Target] = field(default_factory=dict)
+    add: dict[str, UrlEntry] = field(default_factory=dict)
     drain: tuple[str, ...] = ()
-    undrain: dict[str, Target] = field(default_factory=dict)
-    reflag: dict[str, Target] = field(default_factory=dict)  # its overflow flag changed
+    undrain: dict[str, UrlEntry] = field(default_factory=dict)
+    reflag: dict[str, UrlEntry] = field(default_factory=dict)  # its overflow flag changed
 
     def __bool__(self) -> bool:
         return bool(self.add or self.drain or self.undrain or self.reflag)
@@ -84,14 +76,14 @@ class Members(Protocol):
     """The gateway's upstreams, as the roster changes them."""
 
     def present(self) -> Mapping[str, Member]: ...
-    def add(self, name: str, target: Target) -> None: ...
+    def add(self, name: str, target: UrlEntry) -> None: ...
     def drain(self, name: str) -> None: ...
-    def undrain(self, name: str, target: Target) -> None: ...
+    def undrain(self, name: str, target: UrlEntry) -> None: ...
     def set_overflow(self, name: str, overflow: bool) -> None: ...
     def forget_drained(self) -> list[str]: ...
 
 
-def plan(present: Mapping[str, Member], wanted: Mapping[str, Target]) -> Plan:
+def plan(present: Mapping[str, Member], wanted: Mapping[str, UrlEntry]) -> Plan:
     """Pure reconciliation: what to add, drain, undrain and re-flag."""
     add = {n: t for n, t in wanted.items() if n not in present}
     drain = tuple(n for n, m in present.items() if n not in wanted and not m.draining)
@@ -106,16 +98,16 @@ def plan(present: Mapping[str, Member], wanted: Mapping[str, Target]) -> Plan:
 
 def targets(
     entries: tuple[Entry, ...], resolved: Mapping[DnsEntry, list[str]]
-) -> dict[str, Target]:
+) -> dict[str, UrlEntry]:
     """The upstreams the entries name, by metric name; the first entry naming one wins."""
-    wanted: dict[str, Target] = {}
+    wanted: dict[str, UrlEntry] = {}
     for entry in entries:
         if isinstance(entry, UrlEntry):
             urls = [entry.url]
         else:
             urls = [_url(entry, address) for address in resolved.get(entry, [])]
         for url in urls:
-            wanted.setdefault(upstream_name(url), Target(url, entry.overflow))
+            wanted.setdefault(upstream_name(url), UrlEntry(url, entry.overflow))
     return wanted
 
 
@@ -238,7 +230,7 @@ class Roster:
             self._members.set_overflow(name, target.overflow)
 
 
-def _role(target: Target) -> str:
+def _role(target: UrlEntry) -> str:
     return " as overflow" if target.overflow else ""
 
 

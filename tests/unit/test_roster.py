@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from gateway.roster import Member, Plan, Roster, Target, plan, targets
+from gateway.roster import Member, Plan, Roster, plan, targets
 from gateway.upstreams_file import DnsEntry, UrlEntry
 
 
@@ -22,14 +22,14 @@ class Members:
     def present(self) -> dict[str, Member]:
         return dict(self.members)
 
-    def add(self, name: str, target: Target) -> None:
+    def add(self, name: str, target: UrlEntry) -> None:
         self.members[name] = Member(target.overflow, draining=False)
-        self.urls[name] = target.base_url
+        self.urls[name] = target.url
 
     def drain(self, name: str) -> None:
         self.members[name] = Member(self.members[name].overflow, draining=True)
 
-    def undrain(self, name: str, target: Target) -> None:
+    def undrain(self, name: str, target: UrlEntry) -> None:
         self.members[name] = Member(target.overflow, draining=False)
 
     def set_overflow(self, name: str, overflow: bool) -> None:
@@ -50,22 +50,22 @@ def test_plan_adds_the_new_drains_the_removed_and_undrains_the_relisted() -> Non
         "d:1": Member(overflow=False, draining=False),
     }
     wanted = {
-        "a:1": Target("http://a:1"),
-        "c:1": Target("http://c:1", overflow=True),
-        "d:1": Target("http://d:1", overflow=True),
-        "e:1": Target("http://e:1"),
+        "a:1": UrlEntry("http://a:1"),
+        "c:1": UrlEntry("http://c:1", overflow=True),
+        "d:1": UrlEntry("http://d:1", overflow=True),
+        "e:1": UrlEntry("http://e:1"),
     }
     assert plan(present, wanted) == Plan(
-        add={"e:1": Target("http://e:1")},
+        add={"e:1": UrlEntry("http://e:1")},
         drain=("b:1",),
-        undrain={"c:1": Target("http://c:1", overflow=True)},
-        reflag={"d:1": Target("http://d:1", overflow=True)},
+        undrain={"c:1": UrlEntry("http://c:1", overflow=True)},
+        reflag={"d:1": UrlEntry("http://d:1", overflow=True)},
     )
 
 
 def test_plan_of_an_unchanged_set_is_empty() -> None:
     present = {"a:1": Member(overflow=True, draining=False)}
-    assert not plan(present, {"a:1": Target("http://a:1", overflow=True)})
+    assert not plan(present, {"a:1": UrlEntry("http://a:1", overflow=True)})
 
 
 def test_targets_expand_dns_entries_to_every_address_they_resolve_to() -> None:
@@ -73,9 +73,9 @@ def test_targets_expand_dns_entries_to_every_address_they_resolve_to() -> None:
     entries = (UrlEntry("http://10.0.0.1:8000"), dns)
     resolved = {dns: ["10.0.0.1", "10.0.0.2", "fd00::7"]}
     assert targets(entries, resolved) == {
-        "10.0.0.1:8000": Target("http://10.0.0.1:8000"),  # the first entry naming it wins
-        "10.0.0.2:8000": Target("http://10.0.0.2:8000", overflow=True),
-        "[fd00::7]:8000": Target("http://[fd00::7]:8000", overflow=True),
+        "10.0.0.1:8000": UrlEntry("http://10.0.0.1:8000"),  # the first entry naming it wins
+        "10.0.0.2:8000": UrlEntry("http://10.0.0.2:8000", overflow=True),
+        "[fd00::7]:8000": UrlEntry("http://[fd00::7]:8000", overflow=True),
     }
 
 
