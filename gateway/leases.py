@@ -134,6 +134,13 @@ class Leases:
         windows = list(self._windows.values())
         await asyncio.gather(*(self._sync(w, force) for w in windows))
 
+    async def sync(self, name: str) -> None:
+        """Sync one upstream's window now (after a reading of its metrics: see
+        :class:`gateway.scrape.Scraper`)."""
+        window = self._windows.get(name)
+        if window is not None and self._link.up:
+            await self._sync(window, True)
+
     def local(self) -> None:
         """Redis is gone: every window is this gateway's again (with the scraped estimate)."""
         for window in self._windows.values():

@@ -166,6 +166,9 @@ def build_runtime(
             sizing.decoded(name, load.at, load.decode_s, load.decode_tokens)
         dispatcher.kick()
 
+    link = leases = None
+    if settings.redis_url:
+        link, leases = _share(settings.redis_url, metrics, scheduler, dispatcher)
     scraper = Scraper(
         upstreams.by_name.values(),
         client,
@@ -175,6 +178,7 @@ def build_runtime(
         # Ours and, with Redis, the other gateways' leased slots: the scraped rest is load from
         # clients that are not gateways (the leases already count the gateways exactly).
         ours=lambda name: scheduler.windows[name].inflight + scheduler.windows[name].shared,
+        settle=None if leases is None else leases.sync,
     )
     recent = Recent()
     metrics.on_request = recent.add
@@ -200,9 +204,6 @@ def build_runtime(
     for window in windows:
         watch_upstream(metrics, window, upstreams)
     serving = Serving(dispatcher, upstreams, client, metrics, sizing)
-    link = leases = None
-    if settings.redis_url:
-        link, leases = _share(settings.redis_url, metrics, scheduler, dispatcher)
     limits = SharedLimits(dispatcher.now, link, lambda: tables.keys.tenants.values())
     roster = None
     if upstream_entries is not None:

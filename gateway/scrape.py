@@ -34,7 +34,7 @@ import asyncio
 import logging
 import math
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, replace
 
 from gateway.outbound import UpstreamClient, UpstreamUnavailable
@@ -180,6 +180,10 @@ class Scraper:
     before and after each scrape and the larger count is taken, because vLLM's gauge was set
     somewhere in between, and counting a request of ours as another client's would keep a
     slot closed until the next reading (counting too few only lets vLLM queue briefly).
+    ``settle(name)``, if given, is awaited between the reading and the second count: with
+    Redis, a lease sync, so that the other gateways' slots counted in ``ours`` are not older
+    than the reading (a gateway that dispatched since this one last synced would otherwise
+    be read as another client, and that peak held for :data:`HOLD_S`).
     """
 
     def __init__(
@@ -190,6 +194,7 @@ class Scraper:
         interval_s: float,
         clock: Callable[[], float],
         ours: Callable[[str], int] = lambda name: 0,
+        settle: Callable[[str], Awaitable[object]] | None = None,
     ) -> None:
         self._urls = {u.name: f"{u.base_url}/metrics" for u in upstreams}
         self._client = client
@@ -199,6 +204,7 @@ class Scraper:
         self._stale_s = max(STALE_INTERVALS * interval_s, STALE_MIN_S)
         self._clock = clock
         self._ours = ours
+        self._settle = settle
         #: The last good reading per upstream (None: none yet, or gone stale).
         self.loads: dict[str, VllmLoad | None] = dict.fromkeys(self._urls)
         #: (at, others) of the readings that :attr:`VllmLoad.held` is the peak of.
@@ -242,6 +248,8 @@ class Scraper:
                 return  # removed while it was being read: nothing here knows it any more
             if status != 200:
                 raise ScrapeFailed(f"/metrics answered {status}")
+            if self._settle is not None:
+                await self._settle(name)
             ours = max(before, self._ours(name))
             load = read_load(body.decode("utf-8", "replace"), self._clock(), ours)
         except UpstreamUnavailable as exc:

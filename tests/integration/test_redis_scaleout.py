@@ -80,7 +80,8 @@ async def test_two_gateways_never_put_more_than_the_window_on_vllm(
     vllm: VllmServer, redis: RedisServer
 ) -> None:
     """Each gateway alone would fill vLLM's 4 slots with its own 6 batch requests (8 in all,
-    4 waiting in vLLM); with the leases they never put more than the 4 on it together."""
+    4 waiting in vLLM); with the leases they never put more than the 4 on it together, and
+    they run side by side."""
     async with AsyncExitStack() as stack:
         a, _ = await start(stack, args(vllm, redis), "window-a")
         b, _ = await start(stack, args(vllm, redis), "window-b")
@@ -99,10 +100,16 @@ async def test_two_gateways_never_put_more_than_the_window_on_vllm(
     assert len(seen) >= 5, seen
     assert max(seen) == vllm.max_num_seqs, seen  # it saw the window full, and never over
     assert min(redis_up) == 1  # shared all along: no false outage on a loaded machine
-    # Not asserted here: that the two gateways ran side by side. The unit tests check the
-    # fair split against a real Redis (tests/unit/test_leases.py); in this process-level test
-    # one gateway still ran its whole backlog before the other in 2 of 4 fresh-clone CI runs
-    # (never in 6 local runs since the scrape fix), and why is not found yet (issue 13 note).
+    # Side by side: some request of A ran at vLLM for a while together with one of B. Two
+    # designs failed this: leases granting "slots held" (a gateway over its share refilled its
+    # own freed slots), and a scrape read between another gateway's dispatch and this one's
+    # next lease sync (that load taken for a non-gateway client's, its peak held for 2 s).
+    overlaps = [
+        min(end_a, end_b) - max(start_a, start_b)
+        for start_a, end_a, _ in runs[:6]
+        for start_b, end_b, _ in runs[6:]
+    ]
+    assert max(overlaps) > 0.2, overlaps
 
 
 async def test_a_killed_gateways_slots_come_back_within_the_lease_ttl(

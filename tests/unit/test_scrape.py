@@ -217,6 +217,33 @@ async def another_client_holds(fake: FakeVllm, n: int) -> AsyncIterator[None]:
             await asyncio.gather(*calls, return_exceptions=True)
 
 
+async def test_a_lease_sync_between_read_and_count_explains_another_gateways_load(
+    fake: FakeVllm,
+) -> None:
+    """With Redis, ``ours`` counts the other gateways' leased slots as this gateway last
+    synced them. Another gateway that dispatched since then would be read as a client that is
+    not a gateway, and that peak held for 2 s kept this gateway out of slots given back to it
+    (one gateway ran its whole backlog first in 2 of 4 CI runs). The sync in ``settle``
+    brings the count up to date before it is taken."""
+    shared = {"n": 0}  # the other gateway's slots, as this one's leases know them
+
+    async def settle(name: str) -> None:
+        shared["n"] = 2  # what a sync now answers: the other gateway holds 2
+
+    seen: list[VllmLoad | None] = []
+    client = UpstreamClient()
+    upstream = Upstream(upstream_name(fake.url), fake.url)
+    async with another_client_holds(fake, 2):
+        for hook in (None, settle):
+            scraper = Scraper(
+                [upstream], client, lambda n, load: seen.append(load), 1.0, Clock(),
+                lambda n: shared["n"], settle=hook,
+            )  # fmt: skip
+            await scraper.scrape_all()
+    assert [load.external for load in seen if load is not None] == [2, 0]
+    await client.close()
+
+
 class Clock:
     def __init__(self) -> None:
         self.now = 100.0
