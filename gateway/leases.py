@@ -20,7 +20,9 @@ one script grants it atomically:
 - **Nothing running is taken back.** A gateway never holds fewer slots than it has requests
   in flight. When others are owed slots, the grant says how many it may fill (its
   :attr:`Window.lease`, possibly fewer than it runs): it dispatches no more until it is under
-  that, so the slots its requests free go back instead of to its own queue.
+  that, so the slots its requests free go back instead of to its own queue. Nor does it
+  refill a freed slot before a sync has given it back (:meth:`Window.freed`): Redis, not the
+  first gateway to see it free, decides who gets it.
 
 Leases are renewed by every sync: at once when a gateway is short, or when others are owed
 slots and its load changed; every ``idle_s`` otherwise and expire with the gateway's liveness
@@ -144,7 +146,7 @@ class Leases:
     def local(self) -> None:
         """Redis is gone: every window is this gateway's again (with the scraped estimate)."""
         for window in self._windows.values():
-            window.lease, window.shared = None, 0
+            window.lease, window.shared, window.owing = None, 0, False
         self._sent.clear()
         self._kick()
 
@@ -171,7 +173,8 @@ class Leases:
         answer = await self._link.call(self._script, (window.name, *state))
         if answer is None:  # Redis went away: local() has run, or will on the link's news
             return
-        lease, shared, self._owed[window.name] = (int(x) for x in answer)
+        lease, shared, owed = (int(x) for x in answer)
+        self._owed[window.name], window.owing = owed, owed > 0
         if (lease, shared) != (window.lease, window.shared):
             window.lease, window.shared = lease, shared
             self._kick()

@@ -389,7 +389,7 @@ class Scheduler:
             self._preempting -= 1
         window = self.windows.get(ticket.upstream)
         if window is not None:
-            window.inflight -= 1
+            window.freed()
         if not paused:  # a pause is not a completion: it would inflate the drain rate
             self.completions.record(now)
 

@@ -137,7 +137,12 @@ class Window:
     is down. ``external`` then counts only what the leases do not explain (clients that are
     not gateways): the scrape takes ``inflight + shared`` as accounted for. Trusting the
     scraped peak for the other gateways too held a gateway out of slots the other had just
-    given back for 2 s (the scrape's hold), and the two never ran side by side.
+    given back for 2 s (the scrape's hold), and the two never ran side by side. ``owing``
+    says the others are owed slots: then a slot this gateway frees goes back through Redis
+    before it may be refilled (:meth:`freed` lowers the lease to what runs; the next sync
+    answers with the new share). Refilling at once kept the slot in the others' eyes for as
+    long as that sync took, seconds on a loaded host, and one gateway ran its share again
+    while the other waited.
     ``overflow`` marks cold or extra capacity, used only when the primaries cannot keep a
     request's queue budget (:mod:`gateway.overflow`).
     """
@@ -149,11 +154,18 @@ class Window:
     usable: bool = True
     lease: int | None = None
     shared: int = 0
+    owing: bool = False
     overflow: bool = False
 
     @property
     def occupied(self) -> int:
         return self.inflight + self.shared + self.external
+
+    def freed(self) -> None:
+        """One of our requests here ended."""
+        self.inflight -= 1
+        if self.owing and self.lease is not None:
+            self.lease = min(self.lease, self.inflight)
 
     def has_room(self, reserved: int) -> bool:
         return (

@@ -101,9 +101,10 @@ async def test_two_gateways_never_put_more_than_the_window_on_vllm(
     assert max(seen) == vllm.max_num_seqs, seen  # it saw the window full, and never over
     assert min(redis_up) == 1  # shared all along: no false outage on a loaded machine
     # Side by side: some request of A ran at vLLM for a while together with one of B. Two
-    # designs failed this: leases granting "slots held" (a gateway over its share refilled its
-    # own freed slots), and a scrape read between another gateway's dispatch and this one's
-    # next lease sync (that load taken for a non-gateway client's, its peak held for 2 s).
+    # designs failed this: leases granting "slots held" (a gateway over its share refilled
+    # its own freed slots), and refilling a freed slot before the sync giving it back reached
+    # Redis (while vLLM decodes on these two cores, other processes may not run for seconds:
+    # that sync took up to 6.6 s, and one gateway ran its whole backlog first).
     overlaps = [
         min(end_a, end_b) - max(start_a, start_b)
         for start_a, end_a, _ in runs[:6]

@@ -107,6 +107,30 @@ async def test_two_short_gateways_converge_to_fair_shares_without_overshoot(
     assert not b.window.has_room(0)
 
 
+async def test_a_gateway_owing_slots_refills_only_after_redis_has_them_back(
+    gateways: Make,
+) -> None:
+    """Found by the process-level test on a loaded host: A got the whole window (B's
+    requests came 20 ms later), all four of A's requests ended together, and A refilled its
+    share from its queue at once, while its sync giving the rest back took seconds; Redis
+    still counted A's 4, so B ran nothing until A's second round was over too."""
+    a, b = await gateways(size=4), await gateways(size=4)
+    a.queued = 6
+    assert await a.sync() == 4
+    a.run(4)
+    b.queued = 6
+    assert await b.sync() == 0
+    assert await a.sync() == 2  # B is owed 2
+    for _ in range(4):
+        a.window.freed()
+    assert not a.window.has_room(0)  # A may not refill before Redis has them back ...
+    assert await b.sync() == 0  # ... where they are still A's until A syncs
+    assert await a.sync() == 2
+    assert await b.sync() == 2
+    a.run(2)
+    b.run(2)
+
+
 async def test_slots_nobody_needs_go_to_whoever_wants_them(gateways: Make) -> None:
     a, b = await gateways(size=4), await gateways(size=4)
     a.queued = 1
