@@ -321,8 +321,10 @@ class SharedLimits:
             p = end.tenant.policy  # the count is read now: the newest is the one to write
             lease = self._leases.get(name)
             count = end.tenant.active
-            if lease is not None and now < lease.until:
-                count = max(count, lease.held)
+            if lease is not None:
+                lease.level -= end.tokens  # the lease's view of the bucket keeps our debt
+                if now < lease.until:
+                    count = max(count, lease.held)
             args += [
                 name, count, _cap(p), end.tokens, p.tokens_per_s or 0.0,
                 end.refund, p.requests_per_s or 0.0,

@@ -212,6 +212,22 @@ async def test_a_leases_unused_credits_go_back_to_the_bucket(pair: Make) -> None
     assert after == pytest.approx(min(32.0, before + (then - at) * 32 / 1000 + 3), abs=0.05)
 
 
+async def test_tokens_charged_while_a_lease_holds_count_against_it(pair: Make) -> None:
+    """The lease keeps the shared token bucket's level; tokens this gateway charged since,
+    written or not, are taken from that view, or it would admit on a level gone by."""
+    policy = TenantPolicy("acme", tokens_per_s=100)  # burst 100
+    a, b = await pair(policy), await pair(policy)
+    (await b.admit()).done(time.monotonic(), 80)
+    await b.limits.drain()
+    (await a.admit()).done(time.monotonic(), 100)  # the lease saw about 20 left
+    a.limits._flush()  # written now (as with another tenant's call), the lease still on
+    await asyncio.gather(*a.limits._pending)
+    with pytest.raises(RateLimited) as refused:  # A's own bucket is not below 0: Redis says no
+        await a.admit()  # not covered: about 20 less our 100 (refilling at 100/s)
+    assert refused.value.code == "rate_limited"
+    assert a.limits.calls == 2
+
+
 async def test_a_requests_end_is_written_within_the_wait(pair: Make) -> None:
     """An end the next call does not carry goes alone within ENDS_WAIT_S: the tokens used at
     one gateway limit the other soon after."""
