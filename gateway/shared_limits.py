@@ -174,6 +174,7 @@ class SharedLimits:
         lease = self._leases.get(p.name)
         if lease is None:
             lease = self._leases[p.name] = _Lease(tenant)
+        lease.tenant = tenant  # a keys reload makes new Tenant objects: count on the live one
         while True:
             end = self._ends.get(p.name)
             if lease.covers(tenant, now, end.tokens if end is not None else 0):
@@ -232,7 +233,7 @@ class SharedLimits:
                 lease.level = float(answer[3])
             lease.used, lease.peak = 1, n
             lease.until = self._clock() + HOLD_S
-            self._expire_later(p.name, lease)
+            self._expire_later(lease)
             return Grant(tenant, self._release)
         tenant.undo_admit(self._clock())
         reason = answer[1].decode() if isinstance(answer[1], bytes) else str(answer[1])
@@ -265,25 +266,27 @@ class SharedLimits:
             end = self._ends[tenant.name] = _End(tenant)
         return end
 
-    def _expire_later(self, name: str, lease: _Lease) -> None:
+    def _expire_later(self, lease: _Lease) -> None:
         if lease.timer is None:
             loop = asyncio.get_running_loop()
-            lease.timer = loop.call_at(loop.time() + HOLD_S, self._expire, name, lease)
+            lease.timer = loop.call_at(loop.time() + HOLD_S, self._expire, lease)
 
-    def _expire(self, name: str, lease: _Lease) -> None:
+    def _expire(self, lease: _Lease) -> None:
         """A lease ran out: give back its unused credits and spare slots, unless it was
         renewed meanwhile (then wait for the renewal's end)."""
         lease.timer = None
         left = lease.until - self._clock()
         if left > 0:
             loop = asyncio.get_running_loop()
-            lease.timer = loop.call_at(loop.time() + left, self._expire, name, lease)
-        elif lease.credits or lease.held > lease.tenant.active:
+            lease.timer = loop.call_at(loop.time() + left, self._expire, lease)
+        else:
             self._return(lease)
 
     def _return(self, lease: _Lease) -> None:
-        """Queue the lease's unused credits and spare slots to go back (its end writes the
-        tenant's count as its requests in progress, since the lease no longer holds more)."""
+        """Queue the lease's unused credits and spare slots to go back, if any (its end writes
+        the tenant's count as its requests in progress, since the lease no longer holds more)."""
+        if not (lease.credits or lease.held > lease.tenant.active):
+            return
         end = self._end(lease.tenant)
         end.refund += lease.credits
         lease.credits = 0
@@ -368,8 +371,7 @@ class SharedLimits:
                 lease.timer.cancel()
                 lease.timer = None
             lease.until = -math.inf
-            if lease.credits or lease.held > lease.tenant.active:
-                self._return(lease)
+            self._return(lease)
         self._flush()
         if self._pending:
             await asyncio.gather(*self._pending, return_exceptions=True)

@@ -228,6 +228,20 @@ async def test_tokens_charged_while_a_lease_holds_count_against_it(pair: Make) -
     assert a.limits.calls == 2
 
 
+async def test_a_lease_counts_on_the_tenant_object_of_the_latest_admission(pair: Make) -> None:
+    """A keys reload makes new Tenant objects: when the lease ends, the count written back is
+    the live object's, not the one the lease began with."""
+    policy = TenantPolicy("acme", max_concurrent=10)
+    a, b = await pair(policy), await pair(policy)
+    await a.admit()  # the first object: 1 in progress, 2 spare slots held
+    a.tenant = Tenant.of(policy)  # reloaded
+    held = [await a.admit() for _ in range(3)]  # the new object: 3 in progress
+    await a.limits.drain()  # the lease ends: A's count stays the live object's 3
+    held += [await b.admit() for _ in range(7)]
+    with pytest.raises(RateLimited):  # not 9 for B, as a count of the old object's 1 would give
+        await b.admit()
+
+
 async def test_a_requests_end_is_written_within_the_wait(pair: Make) -> None:
     """An end the next call does not carry goes alone within ENDS_WAIT_S: the tokens used at
     one gateway limit the other soon after."""
