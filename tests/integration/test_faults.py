@@ -209,7 +209,10 @@ async def test_two_gateways_sharing_one_vllm_see_each_others_load(
             while await metric(b, f'gateway_upstream_running{{upstream="{label}"}}') < 2:
                 await asyncio.sleep(0.05)  # B's scrape sees A's work
         b_work = [batch(b, 2000) for _ in range(3)]
-        async with asyncio.timeout(10):  # B sends two and holds the third: A's work takes two
+        # B sends two and holds the third: A's work takes two. 30 s, not 10: a fresh-clone run
+        # timed out at 10 s while these two tiny-model servers stall other processes for
+        # seconds (see test_redis_scaleout); had B sent all three, the depth stays 0 anyway.
+        async with asyncio.timeout(30):
             while await metric(b, 'gateway_queue_depth{priority_class="batch"}') < 1:
                 await asyncio.sleep(0.05)
         assert await metric(b, f'gateway_inflight_requests{{upstream="{label}"}}') == 2
