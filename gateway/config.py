@@ -68,6 +68,9 @@ class Task:
     pipeline: Pipeline | None = None
     #: Accepts function calling (``tools``, ``tool_choice``, ``parallel_tool_calls``).
     tools: bool = False
+    #: A streamed request that can no longer get its first token within ``sla_ttft_s`` is
+    #: still served (last, while its queue deadline allows) instead of refused with 429.
+    serve_late: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -197,7 +200,7 @@ def _parse_classes(raw: Mapping[str, Any]) -> ClassTable:
 _TASK_KEYS = {
     "description", "class", "system_prompt", "labels", "max_tokens", "max_tokens_limit",
     "temperature", "queue_deadline_s", "deadline_s", "max_input_tokens", "truncate_input",
-    "sla_latency_s", "sla_ttft_s", "degrade", "pipeline", "tools",
+    "sla_latency_s", "sla_ttft_s", "degrade", "pipeline", "tools", "serve_late",
 }  # fmt: skip
 
 
@@ -253,6 +256,7 @@ def _parse_task(name: str, body: Any, classes: ClassTable) -> Task:
         degrade=_degrade(body.get("degrade"), path),
         pipeline=_pipeline(body.get("pipeline"), path),
         tools=tools,
+        serve_late=_get(body, "serve_late", bool, False, path),
     )
 
 

@@ -43,8 +43,9 @@ class Dispatcher:
     async def acquire(self, ticket: Ticket) -> None:
         """Wait until ``ticket`` is dispatched to an upstream (``ticket.upstream``).
 
-        Raises RateLimited when it is not admitted, ServiceUnavailable when it is shed for
-        a more important request, DeadlineExceeded when its time runs out in the queue. If
+        Raises RateLimited when it is not admitted or can no longer make its SLA,
+        ServiceUnavailable when it is shed for a more important request, DeadlineExceeded
+        when its time runs out in the queue. If
         the caller is cancelled (client gone) the ticket leaves the queue or its slot.
         """
         admission = self.scheduler.admit(ticket, self.now())
@@ -120,6 +121,17 @@ class Dispatcher:
 
     def _expire(self, expiry: Expiry) -> None:
         ticket = expiry.ticket
+        if expiry.stage == "sla":  # a refusal the client can retry, not a timeout
+            self._metrics.rejections.labels(ticket.policy.name, "sla_unreachable").inc()
+            retry = self.scheduler.retry_after(ticket.policy, self.now())
+            error: GatewayError = RateLimited(
+                "the request could not start within its task's time to first token "
+                f"(sla_ttft_s) and was not sent; retry after {retry} s",
+                code="sla_unreachable",
+                retry_after_s=retry,
+            )
+            self._resolve(ticket, error)
+            return
         self._metrics.deadline_exceeded.labels(ticket.task, expiry.stage).inc()
         if expiry.stage == "queue":
             message = "the request waited in the queue past its deadline"

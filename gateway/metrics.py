@@ -37,7 +37,7 @@ SERVED_OUTCOMES = ("ok", "deadline", "upstream_error")
 #: Why a request was turned away (the ``reason`` label of rejections).
 REJECTION_REASONS = (
     "queue_full", "class_queue_full", "class_overloaded", "shed", "rate_limited", "concurrency",
-    "deadline_unreachable",
+    "deadline_unreachable", "sla_unreachable",
 )  # fmt: skip
 
 #: Where a deadline passed (the ``stage`` label).

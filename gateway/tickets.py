@@ -32,7 +32,10 @@ class Ticket:
 
     ``late_at`` is when it can no longer make its SLA's time to first token: from then on it
     waits behind every request that still can (``penalty_s`` moves its key back). A ticket
-    that ``started`` (its answer began) and was paused ages afresh from the pause.
+    that ``started`` (its answer began) and was paused ages afresh from the pause. With
+    ``refuse_late`` it is refused instead (expiry stage ``"sla"``) as soon as too little time
+    is left to get its first token by ``late_at`` (``need_s`` before it): a stream's SLA is its
+    time to first token, and an answer that starts late misses it however fast it runs.
     """
 
     task: str
@@ -48,6 +51,7 @@ class Ticket:
     reserved: float = 0.0  # what is left of that reservation (counter units)
     late_at: float = math.inf
     late: bool = False  # demoted: waits behind every ticket that can still make its SLA
+    refuse_late: bool = False  # refused (429) rather than demoted once it cannot make late_at
     penalty_s: float = 0.0  # added to its key: a late ticket's demotion, a paused one's restart
     started: bool = False  # its answer began (the first byte came back)
     avoid: frozenset[str] = frozenset()
@@ -74,12 +78,17 @@ class Ticket:
 
     @property
     def expires_at(self) -> float:
-        return min(self.queue_deadline, self.deadline - self.need_s)
+        at = min(self.queue_deadline, self.deadline - self.need_s)
+        return min(at, self.late_at - self.need_s) if self.refuse_late else at
 
     @property
     def expiry_stage(self) -> str:
-        """Why it expired: its queue deadline, or too little budget left to be worth sending."""
-        return "queue" if self.queue_deadline <= self.deadline - self.need_s else "dispatch"
+        """Why it expired: it can no longer make its SLA (``"sla"``, a refusal), its queue
+        deadline passed, or too little budget is left to be worth sending."""
+        budget = self.deadline - self.need_s
+        if self.refuse_late and self.late_at - self.need_s <= min(self.queue_deadline, budget):
+            return "sla"
+        return "queue" if self.queue_deadline <= budget else "dispatch"
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,7 +124,8 @@ class Preempt:
 
 @dataclass(frozen=True, slots=True)
 class Expiry:
-    """A ticket that left the queue without being sent: its deadline or budget ran out."""
+    """A ticket that left the queue without being sent: its deadline or budget ran out, or
+    (``stage == "sla"``) it can no longer make its SLA and is refused."""
 
     ticket: Ticket
     stage: str

@@ -30,6 +30,8 @@ def test_shipped_table_has_the_documented_tasks_and_classes() -> None:
     assert {config.tasks[t].priority_class for t in ("summarize", "translate")} == {"standard"}
     assert config.tasks["batch"].priority_class == "batch"
     assert config.tasks["assist"].pipeline is not None
+    # Streams that cannot start within their SLA are refused, not served late.
+    assert not any(task.serve_late for task in config.tasks.values())
     # The documented bound: background outranks any new arrival after at most 60 s.
     assert config.classes.top_head_start_s - config.classes["background"].head_start_s <= 60
 
@@ -71,6 +73,7 @@ def test_labels_are_configurable_in_any_language(tmp_path: Path) -> None:
             "classes.batch.max_wait_s must be positive",
         ),
         ({"tasks": {"t": {}}, "fairness": {"mode": "tenants"}}, "fairness.mode must be one of"),
+        ({"tasks": {"t": {"serve_late": "yes"}}}, "tasks.t.serve_late"),
         ({"tasks": {"t": {}}, "fairness": {"input_weight": -1}}, "fairness.input_weight"),
         (
             {"tasks": {"t": {}}, "fairness": {"input_weight": 0, "output_weight": 0}},

@@ -105,3 +105,53 @@ async def test_a_full_queue_sheds_the_least_important_request(
         metrics = (await c.get("/metrics")).text
         assert 'gateway_rejections_total{priority_class="background",reason="shed"} 1.0' in metrics
         assert 'gateway_queue_depth{priority_class="background"} 0.0' in metrics
+
+
+async def test_a_stream_that_cannot_start_within_its_sla_is_refused_not_served_late(
+    start_gateway: GatewayFactory, fake: FakeVllm
+) -> None:
+    """A stream still queued when its time to first token can no longer be met gets a 429
+    with Retry-After then, not a late answer; a whole answer in the same spot (its SLA is
+    its latency) and a task with ``serve_late`` are served when the slot frees."""
+    sla = {"class": "interactive", "queue_deadline_s": 30, "sla_ttft_s": 0.3}
+    config = parse_config(
+        {
+            "tasks": {
+                "chat": sla,
+                "patient": {**sla, "serve_late": True},
+                "filler": {"class": "realtime", "queue_deadline_s": 30},
+            }
+        }
+    )
+    fake.behaviour.first_token_delay_s = 1.5
+    async with (
+        start_gateway(config, window=1) as url,
+        httpx.AsyncClient(base_url=url, timeout=30) as c,
+    ):
+
+        def send(task: str, stream: bool) -> asyncio.Task[httpx.Response]:
+            body = {"model": task, "messages": USER, "stream": stream}
+            return asyncio.create_task(c.post("/v1/chat/completions", json=body))
+
+        filler = send("filler", False)
+        while not fake.seen:
+            await asyncio.sleep(0.01)
+        refused, whole, patient = send("chat", True), send("chat", False), send("patient", True)
+        answer = await refused
+        assert answer.status_code == 429
+        assert answer.json()["error"]["code"] == "sla_unreachable"
+        assert answer.json()["error"]["type"] == "rate_limit_error"
+        assert int(answer.headers["retry-after"]) >= 1
+        assert not filler.done()  # refused while the slot was still taken: not served late
+        for task in (filler, whole, patient):
+            assert (await task).status_code == 200
+        assert len(fake.seen) == 3  # the refused stream never reached the upstream
+        metrics = (await c.get("/metrics")).text
+        assert (
+            'gateway_rejections_total{priority_class="interactive",reason="sla_unreachable"} 1.0'
+            in metrics
+        )
+        assert (
+            'gateway_requests_total{outcome="rejected",priority_class="interactive",task="chat"} 1.0'
+            in metrics
+        )

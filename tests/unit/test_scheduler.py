@@ -802,6 +802,51 @@ def test_a_late_request_takes_a_free_slot_never_a_running_ones() -> None:
     assert preempted(s.dispatch(3.0)) == []  # late now: waits for a free slot
 
 
+def test_a_stream_that_cannot_start_in_time_is_refused_when_that_is_certain() -> None:
+    """A stream's SLA is its first token: ``refuse_late`` takes it out of the queue as soon as
+    less than its observed time to first token is left before ``late_at`` (stage "sla"),
+    instead of serving it late, while a whole answer in the same spot waits on."""
+    s = scheduler(window=1, classes=UNBOUNDED)
+    busy = ticket(RT, 0.0)
+    s.admit(busy, 0.0)
+    s.dispatch(0.0)
+    stream = ticket(INTER, 0.0, queue_s=10.0, late_at=3.0, need_s=0.5, refuse_late=True)
+    whole = ticket(INTER, 0.0, queue_s=10.0, late_at=3.0, need_s=0.5)
+    admit_all(s, [stream, whole], 0.0)
+    assert s.next_expiry() == 2.5
+    assert s.expire(2.4) == []
+    (expiry,) = s.expire(2.5)
+    assert expiry.ticket is stream
+    assert expiry.stage == "sla"
+    assert stream.state is State.EXPIRED
+    assert s.queued == 1
+    assert s.next_expiry() == 10.0
+    s.release(busy, 5.0)
+    assert dispatched(s.dispatch(5.0)) == [whole]
+
+
+def test_a_queue_deadline_before_the_sla_still_expires_as_a_timeout() -> None:
+    t = ticket(INTER, 0.0, queue_s=2.0, late_at=3.0, need_s=0.5, refuse_late=True)
+    assert t.expires_at == 2.0
+    assert t.expiry_stage == "queue"
+    t = ticket(INTER, 0.0, queue_s=10.0, total_s=2.0, late_at=3.0, need_s=0.5, refuse_late=True)
+    assert t.expires_at == 1.5
+    assert t.expiry_stage == "dispatch"
+
+
+def test_a_paused_stream_whose_answer_began_is_never_refused_for_its_first_token() -> None:
+    s = scheduler(window=1, classes=UNBOUNDED)
+    (b,) = running_batch(s, 1)
+    b.refuse_late, b.late_at, b.started = True, 3.0, True
+    rt = ticket(RT, 1.0)
+    s.admit(rt, 1.0)
+    assert preempted(s.dispatch(1.0)) == [b]
+    s.release(b, 1.1)
+    s.requeue(b, 1.1)
+    assert b.expires_at == b.deadline  # its first token came: only its total deadline is left
+    assert [i for i in s.dispatch(4.0) if isinstance(i, Expiry)] == []
+
+
 def test_a_paused_request_whose_answer_began_ages_afresh() -> None:
     """A batch request that waited 35 s starts (its priority, 45, beats fresh realtime's 40).
     Once its answer began it can be paused for realtime, and then waits from the pause: a
