@@ -98,7 +98,12 @@ class Limits:
 
     max_connections: int = 1024
     per_upstream: int = 512
-    keepalive_s: float = 30.0
+    #: Below vLLM's own keep-alive (VLLM_HTTP_TIMEOUT_KEEP_ALIVE, 5 s). A request sent on a
+    #: pooled connection just as vLLM closes it as idle gets no answer at all ("Server
+    #: disconnected", a 503 in a fresh-clone test run), and it cannot be sent again blindly:
+    #: the same error means an upstream that died mid-request. So the pool never reuses a
+    #: connection idle for longer than this; aiohttp checks the idle time at reuse.
+    keepalive_s: float = 3.0
 
 
 class UpstreamResponse:

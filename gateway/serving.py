@@ -135,9 +135,7 @@ class Serving:
             queue_deadline=ex.arrival + min(step.budget.queue_s, step.budget.total_s),
             deadline=ex.arrival + step.budget.total_s,  # deadlines count from the arrival
             late_at=ex.arrival + step.task.sla_ttft_s,  # waiting past it, it cannot make it
-            # A stream's SLA is its first token: refuse it then rather than answer late (a
-            # whole answer's SLA is its latency, which a late start may still meet).
-            refuse_late=step.request.stream and not step.task.serve_late,
+            refuse_late=step.request.stream and not step.task.serve_late,  # see Ticket
             need_s=self.seen.ttft.get(step.task.name),
             pace_s=pace_for(step.task, max_tokens),
             tenant=step.tenant,

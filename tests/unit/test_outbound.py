@@ -9,7 +9,7 @@ from collections.abc import Callable
 import pytest
 
 from gateway.errors import BadGateway
-from gateway.outbound import UpstreamClient, UpstreamResponse
+from gateway.outbound import Limits, UpstreamClient, UpstreamResponse
 from tests.fake_vllm import Behaviour, FakeVllm
 
 BODY = json.dumps({"model": "fake-qwen", "messages": [], "stream": True}).encode()
@@ -61,3 +61,43 @@ async def test_a_shared_aiohttp_exception_does_not_keep_the_reader(fake: FakeVll
     for _ in range(3):
         gone = await _reader_cut_off(fake, lambda r: r._response.close())
         assert gone() is None, "the response is kept by a shared exception's traceback"
+
+
+async def test_a_connection_idle_past_the_keepalive_is_never_reused() -> None:
+    """vLLM's server closes a keep-alive connection idle for 5 s. A request sent on it just
+    as it closes gets no answer at all ("Server disconnected": a 503 for a batch request in a
+    fresh-clone run). The pool drops idle connections before vLLM does: this server answers
+    one request per connection and drops the next one unanswered, as that crossing does."""
+    answered: list[int] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        for served in range(2):
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = next(
+                int(line.split(b":")[1])
+                for line in head.split(b"\r\n")
+                if line.lower().startswith(b"content-length")
+            )
+            await reader.readexactly(length)
+            if served == 1:
+                break
+            answered.append(1)
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    client = UpstreamClient(limits=Limits(keepalive_s=0.2))
+    try:
+        for _ in range(3):
+            response = await client.post(f"http://127.0.0.1:{port}/v1/x", b"{}", {})
+            assert response.status == 200
+            assert await response.read() == b"ok"
+            await asyncio.sleep(0.3)  # idle past the pool's keep-alive (the time under test)
+        assert len(answered) == 3
+    finally:
+        await client.close()
+        server.close()
+        await server.wait_closed()
+    assert Limits().keepalive_s < 5  # below vLLM's VLLM_HTTP_TIMEOUT_KEEP_ALIVE
