@@ -6,8 +6,8 @@ place that flips the sign.
 
 The human scale is measured in seconds of head start. A class's ``head_start_s`` is how far
 ahead in the queue a request of that class starts, and every second a request waits adds one
-point. So a ``batch`` request (head start 10) that has waited 31 s outranks a ``realtime``
-request (head start 40) that just arrived: aging is a bounded head start, and no class can
+point. So a ``batch`` request (head start 10) that has waited 91 s outranks a ``realtime``
+request (head start 100) that just arrived: aging is a bounded head start, and no class can
 starve another for longer than the gap between their head starts.
 
 The other side of that bound: under *sustained* overload, work that has aged past the class
@@ -58,15 +58,20 @@ class ClassPolicy:
         return min(math.ceil(self.reserve * window - 1e-9), max(window - 1, 0))
 
 
+#: The head starts follow the classes' SLAs: a class's gap to realtime bounds its wait for a
+#: first token, and giving a class a tighter bound than its SLA needs only takes slots from
+#: the classes above. Batch (first token within 120 s) may wait 90 s behind realtime; with a
+#: 30 s gap its aged requests took the slots realtime needed at 2x load, and closing its door
+#: at 10 s to prevent that refused batch work vLLM's static priority finished in time.
 DEFAULT_POLICIES: tuple[ClassPolicy, ...] = (
-    ClassPolicy("realtime", 0, head_start_s=40.0, reserve=0.0, max_queued=64),
-    ClassPolicy("interactive", 1, head_start_s=30.0, reserve=0.1, max_queued=64, max_wait_s=10),
+    ClassPolicy("realtime", 0, head_start_s=100.0, reserve=0.0, max_queued=64),
+    ClassPolicy("interactive", 1, head_start_s=90.0, reserve=0.1, max_queued=64, max_wait_s=10),
     ClassPolicy(
-        "standard", 2, head_start_s=20.0, reserve=0.2, max_queued=128, max_wait_s=10,
+        "standard", 2, head_start_s=80.0, reserve=0.2, max_queued=128, max_wait_s=10,
         max_preemptions=2,
     ),
     ClassPolicy(
-        "batch", 3, head_start_s=10.0, reserve=0.3, max_queued=256, max_wait_s=10,
+        "batch", 3, head_start_s=10.0, reserve=0.3, max_queued=256, max_wait_s=70,
         max_preemptions=4,
     ),
     ClassPolicy(

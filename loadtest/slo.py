@@ -15,7 +15,7 @@ One vLLM (the real default model, ``--max-num-seqs 8``) serves three configurati
 run, replaying the same open-loop Poisson trace (arrival times, prompts, seeds) for each:
 
     a  vLLM alone, FCFS: every request at vLLM priority 0 (ties go to the earlier arrival)
-    b  vLLM alone, static priority from the task's class (realtime -40 ... batch -10)
+    b  vLLM alone, static priority from the task's class (realtime -100 ... batch -10)
     c  through the gateway (window = max-num-seqs = 8)
 
 First it measures capacity (completions per second of the mix with ``max-num-seqs``

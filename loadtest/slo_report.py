@@ -391,8 +391,8 @@ def markdown(report: Mapping[str, Any]) -> str:
         + "; ".join(f"{CONFIG_LABELS[c]}" for c in settings["configs"])
         + ". (a) sends every request with vLLM priority 0: vLLM's priority scheduler breaks "
         "ties by arrival, so that is FCFS, on the same server. (b) sends the class's static "
-        "priority (realtime -40, interactive -30, standard -20, batch -10; lower runs "
-        "first), no aging, no deadlines. Both send the exact body the gateway builds (system "
+        "priority (its head start: realtime -100, interactive -90, standard -80, batch -10; lower "
+        "runs first), no aging, no deadlines. Both send the exact body the gateway builds (system "
         "prompt, label constraint, max_tokens)."
         + (
             f" (d) is the gateway with `--tasks {settings['tuned_tasks']}`, the SLA-first "

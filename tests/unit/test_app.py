@@ -22,7 +22,7 @@ async def test_sentiment_is_shaped_by_its_task(client: httpx.AsyncClient, fake: 
     assert r.json()["choices"][0]["message"]["content"] == "positive"
     sent = fake.seen[-1].body
     assert sent["structured_outputs"] == {"choice": ["positive", "negative"]}
-    assert sent["priority"] == -40  # realtime, converted to vLLM's lower-first scale
+    assert sent["priority"] == -100  # realtime, converted to vLLM's lower-first scale
     assert sent["max_tokens"] == 10
     assert sent["messages"][0]["role"] == "system"
     assert sent["model"] == fake.model
@@ -188,10 +188,10 @@ async def test_assist_returns_label_and_reply(client: httpx.AsyncClient, fake: F
     assert r.headers["x-sentiment"] == "positive"
     assert r.json()["sentiment"] == "positive"
     label_call, reply_call = fake.seen[-2].body, fake.seen[-1].body
-    assert label_call["priority"] == -40  # the label step runs at realtime
+    assert label_call["priority"] == -100  # the label step runs at realtime
     assert "structured_outputs" in label_call
     assert "classified as positive" in reply_call["messages"][0]["content"]
-    assert reply_call["priority"] == -30
+    assert reply_call["priority"] == -90
     stream = await client.post(
         "/v1/chat/completions", json={"model": "assist", "messages": USER, "stream": True}
     )

@@ -80,7 +80,7 @@ async def test_tasks_and_classes_beyond_the_key_are_refused_or_capped(
         )
         assert r.status_code == 200
         assert r.headers["x-priority-class"] == "standard"  # chat is interactive; the key caps it
-        assert fake.seen[-1].body["priority"] == -20
+        assert fake.seen[-1].body["priority"] == -80
 
 
 async def test_request_rate_and_concurrency_limits(

@@ -23,7 +23,7 @@ def test_vllm_priority_runs_more_important_work_first() -> None:
     """vLLM serves LOWER values first; our scale says higher is more important."""
     values = [to_vllm_priority(effective_priority(CLASSES[n], 0.0)) for n in CLASS_NAMES]
     assert values == sorted(values)
-    assert to_vllm_priority(effective_priority(CLASSES["realtime"], 0.0)) == -40
+    assert to_vllm_priority(effective_priority(CLASSES["realtime"], 0.0)) == -100
     assert to_vllm_priority(effective_priority(CLASSES["background"], 0.0)) == 0
 
 

@@ -467,7 +467,7 @@ async def test_the_sdk_gets_a_response_from_the_chat_path(sdk: AsyncOpenAI, fake
     assert sent["messages"][0]["content"].endswith("Be brief.")
     assert sent["messages"][1:] == [{"role": "user", "content": "Hi"}]
     assert sent["max_tokens"] == 40
-    assert sent["priority"] == -30  # chat is interactive
+    assert sent["priority"] == -90  # chat is interactive
     assert raw.headers["x-task"] == "chat"
     assert raw.headers["x-request-id"]
     assert "total;dur=" in raw.headers["server-timing"]
@@ -633,7 +633,7 @@ max_class = "standard"
         assert r.status_code == 200, r.text
         assert r.json()["model"] == fake.model  # not the alias it was asked for
         assert r.headers["x-priority-class"] == "standard"  # chat is interactive; the key caps it
-        assert fake.seen[-1].body["priority"] == -20
+        assert fake.seen[-1].body["priority"] == -80
         r = await c.post(
             "/v1/responses", json=body, headers={**auth, "X-Task": "chat", "X-Priority": "batch"}
         )

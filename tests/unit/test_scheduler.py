@@ -557,7 +557,7 @@ def test_a_class_fallen_behind_more_important_work_admits_no_more() -> None:
     result = s.admit(ticket(BATCH, late), late)
     assert isinstance(result, Rejected)
     assert result.reason == "class_overloaded"
-    assert "waited 11 s" in result.message
+    assert f"waited {late:.0f} s" in result.message
     assert result.retry_after_s >= 1
     assert isinstance(s.admit(ticket(RT, late), late), Admitted)  # the classes above still enter
     assert old_batch.state is State.QUEUED  # what was admitted stays, to be served by aging
@@ -641,16 +641,22 @@ def running_batch(s: Scheduler, n: int, start: float = 0.0) -> list[Ticket]:
     return tickets
 
 
+#: How much later than at the old head starts (realtime 40, batch 10) a batch request ages
+#: past fresh realtime work: the times below were written for a 30 s gap.
+LATER = RT.head_start_s - BATCH.head_start_s - 30.0
+
+
 def aged_batch() -> tuple[Scheduler, Ticket]:
-    """A one-slot scheduler running a pausable batch request dispatched at 35 s, after
-    waiting since 0 (its upstream was unusable): priority 45, past fresh realtime's 40."""
+    """A one-slot scheduler running a pausable batch request dispatched 5 s after it aged
+    past fresh realtime work (35 s at a 30 s gap), having waited since 0 (its upstream was
+    unusable)."""
     s = scheduler(window=1, classes=UNBOUNDED)
     b = ticket(BATCH, arrival=0.0, preemptible=True)
     s.admit(b, 0.0)
     s.windows["u0"].usable = False
     s.dispatch(0.0)
     s.windows["u0"].usable = True
-    assert dispatched(s.dispatch(35.0)) == [b]
+    assert dispatched(s.dispatch(35.0 + LATER)) == [b]
     return s, b
 
 
@@ -700,9 +706,10 @@ def test_a_request_aged_past_the_waiting_one_is_not_paused() -> None:
     """The aging bound holds: a batch request that has waited past a fresh realtime
     request's priority keeps its slot."""
     s, _ = aged_batch()
-    rt = ticket(RT, 35.0)
-    s.admit(rt, 35.0)
-    assert preempted(s.dispatch(35.0)) == []
+    now = 35.0 + LATER
+    rt = ticket(RT, now)
+    s.admit(rt, now)
+    assert preempted(s.dispatch(now)) == []
 
 
 def test_only_pausable_less_important_work_is_taken_back() -> None:
@@ -848,26 +855,27 @@ def test_a_paused_stream_whose_answer_began_is_never_refused_for_its_first_token
 
 
 def test_a_paused_request_whose_answer_began_ages_afresh() -> None:
-    """A batch request that waited 35 s starts (its priority, 45, beats fresh realtime's 40).
-    Once its answer began it can be paused for realtime, and then waits from the pause: a
-    fresh chat goes before it, and it is back within its class's gap to the top."""
+    """A batch request that aged past fresh realtime work starts. Once its answer began it
+    can be paused for realtime, and then waits from the pause: a fresh chat goes before it,
+    and it is back within its class's gap to the top."""
     s, b = aged_batch()
-    rt = ticket(RT, 35.5)
-    s.admit(rt, 35.5)
-    assert preempted(s.dispatch(35.5)) == []  # its answer has not begun: its wait goes on
+    t = LATER  # every time below is shifted by it
+    rt = ticket(RT, 35.5 + t)
+    s.admit(rt, 35.5 + t)
+    assert preempted(s.dispatch(35.5 + t)) == []  # its answer has not begun: its wait goes on
     s.keep(b)
     b.started = True
-    assert preempted(s.dispatch(36.0)) == [b]
-    s.release(b, 36.1)
-    assert dispatched(s.dispatch(36.1)) == [rt]
-    s.requeue(b, 36.1)
-    chat = ticket(INTER, 37.0)
-    s.admit(chat, 37.0)
-    s.release(rt, 37.5)
-    assert dispatched(s.dispatch(37.5)) == [chat]  # b's old place (priority 47) is gone
-    s.release(chat, 40.0)
-    assert dispatched(s.dispatch(40.0)) == [b]
-    assert b.key == 36.1 - BATCH.head_start_s
+    assert preempted(s.dispatch(36.0 + t)) == [b]
+    s.release(b, 36.1 + t)
+    assert dispatched(s.dispatch(36.1 + t)) == [rt]
+    s.requeue(b, 36.1 + t)
+    chat = ticket(INTER, 37.0 + t)
+    s.admit(chat, 37.0 + t)
+    s.release(rt, 37.5 + t)
+    assert dispatched(s.dispatch(37.5 + t)) == [chat]  # b's old, aged place is gone
+    s.release(chat, 40.0 + t)
+    assert dispatched(s.dispatch(40.0 + t)) == [b]
+    assert b.key == 36.1 + t - BATCH.head_start_s
 
 
 def test_a_paused_request_whose_answer_had_not_begun_keeps_its_place() -> None:
@@ -886,20 +894,22 @@ def test_a_request_that_aged_past_fresh_work_is_paused_for_it_at_most_once() -> 
     test saw a background request starve): once paused, it is paused again only while it is
     behind the waiting request in the queue's order."""
     s, b = aged_batch()
+    t = LATER
     b.started = True
-    rt = ticket(RT, 36.0)
-    s.admit(rt, 36.0)
-    assert preempted(s.dispatch(36.0)) == [b]
-    s.release(b, 36.1)
-    assert dispatched(s.dispatch(36.1)) == [rt]
-    s.requeue(b, 36.1)
-    s.release(rt, 37.0)
+    rt = ticket(RT, 36.0 + t)
+    s.admit(rt, 36.0 + t)
+    assert preempted(s.dispatch(36.0 + t)) == [b]
+    s.release(b, 36.1 + t)
+    assert dispatched(s.dispatch(36.1 + t)) == [rt]
+    s.requeue(b, 36.1 + t)
+    s.release(rt, 37.0 + t)
     s.windows["u0"].usable = False
-    s.dispatch(37.0)
+    s.dispatch(37.0 + t)
     s.windows["u0"].usable = True
-    assert dispatched(s.dispatch(70.0)) == [b]  # aged past realtime again (36.1 + 30)
-    s.admit(ticket(RT, 70.5), 70.5)
-    assert preempted(s.dispatch(70.5)) == []
+    again = 36.1 + t + RT.head_start_s - BATCH.head_start_s + 3.9  # aged past realtime again
+    assert dispatched(s.dispatch(again)) == [b]
+    s.admit(ticket(RT, again + 0.5), again + 0.5)
+    assert preempted(s.dispatch(again + 0.5)) == []
 
 
 # -- draining windows (gateway.roster) ---------------------------------------------------
