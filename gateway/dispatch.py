@@ -45,8 +45,8 @@ class Dispatcher:
 
         Raises RateLimited when it is not admitted or can no longer make its SLA,
         ServiceUnavailable when it is shed for a more important request, DeadlineExceeded
-        when its time runs out in the queue. If
-        the caller is cancelled (client gone) the ticket leaves the queue or its slot.
+        when its time runs out in the queue. If the caller is cancelled (client gone) the
+        ticket leaves the queue or its slot.
         """
         admission = self.scheduler.admit(ticket, self.now())
         if isinstance(admission, Rejected):
@@ -126,7 +126,7 @@ class Dispatcher:
             retry = self.scheduler.retry_after(ticket.policy, self.now())
             error: GatewayError = RateLimited(
                 "the request could not start within its task's time to first token "
-                f"(sla_ttft_s) and was not sent; retry after {retry} s",
+                f"(sla_ttft_s); retry after {retry} s",
                 code="sla_unreachable",
                 retry_after_s=retry,
             )
