@@ -157,7 +157,11 @@ def build_runtime(
         # reading counts as none, so it can never hold the window shut.
         if name not in scheduler.windows:
             return  # forgotten (drained) meanwhile
-        scheduler.windows[name].external = 0 if load is None else load.external
+        window = scheduler.windows[name]
+        if load is None:
+            window.external = 0
+        else:
+            window.see_others(latest=load.others, peak=load.external)
         if load is None:
             metrics.set_upstream_load(name, 0.0, 0.0, 0.0)
             sizing.decoded(name, dispatcher.now(), None, None)

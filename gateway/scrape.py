@@ -9,7 +9,8 @@ metrics. Each reading also notes how many requests were ours at that moment, so 
 :attr:`VllmLoad.others` is the load other clients put on the upstream: counting our own
 requests in a reading up to an interval old would hold the window shut after they finish.
 
-The window gets :attr:`VllmLoad.external`, the peak of ``others`` over the last ``HOLD_S``
+Without Redis the window gets :attr:`VllmLoad.external` (with leases, the latest ``others``:
+:meth:`gateway.tickets.Window.see_others`), the peak of ``others`` over the last ``HOLD_S``
 seconds, each reading counting until the next one (so a slow or failed scrape does not
 shorten the span): a slot another client frees counts as free once it has stayed free that
 long. That client usually refills it at once (its next request was waiting for the slot),

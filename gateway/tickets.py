@@ -145,9 +145,10 @@ class Window:
     is how many slots this gateway may fill (it dispatches only while it runs fewer) and
     ``shared`` how many the other gateways hold. ``lease`` is None without Redis, or while it
     is down. ``external`` then counts only what the leases do not explain (clients that are
-    not gateways): the scrape takes ``inflight + shared`` as accounted for. Trusting the
-    scraped peak for the other gateways too held a gateway out of slots the other had just
-    given back for 2 s (the scrape's hold), and the two never ran side by side. ``owing``
+    not gateways): the scrape takes ``inflight + shared`` as accounted for, and the latest
+    reading counts, not the recent peak (:meth:`see_others`). Trusting the scraped peak for
+    the other gateways too held a gateway out of slots the other had just given back for 2 s
+    (the scrape's hold), and the two never ran side by side. ``owing``
     says the others are owed slots: then a slot this gateway frees goes back through Redis
     before it may be refilled (:meth:`freed` lowers the lease to what runs; the next sync
     answers with the new share). Refilling at once kept the slot in the others' eyes for as
@@ -170,6 +171,16 @@ class Window:
     @property
     def occupied(self) -> int:
         return self.inflight + self.shared + self.external
+
+    def see_others(self, *, latest: int, peak: int) -> None:
+        """Load other clients put on the upstream, from a scrape of it: ``latest`` reading's,
+        or the ``peak`` of the recent ones (:mod:`gateway.scrape`). Without leases the peak:
+        another gateway refilling a slot must not look like a free one. With leases the other
+        gateways are counted exactly in ``shared``, and what the gauge shows beyond them is
+        clients that are not gateways or the gauge lagging behind requests that just ended;
+        held at its peak, that lag kept this gateway out of slots its lease gave it for
+        seconds (a side-by-side test ran one gateway's whole backlog first)."""
+        self.external = latest if self.lease is not None else peak
 
     def freed(self) -> None:
         """One of our requests here ended."""

@@ -112,7 +112,9 @@ async def test_two_gateways_never_put_more_than_the_window_on_vllm(
         for start_a, end_a, _ in runs[:6]
         for start_b, end_b, _ in runs[6:]
     ]
-    assert max(overlaps) > 0, overlaps
+    t0 = min(start for start, _, _ in runs)
+    spans = [(round(start - t0, 2), round(end - t0, 2)) for start, end, _ in runs]
+    assert max(overlaps) > 0, f"A ran {spans[:6]}, B ran {spans[6:]}"
 
 
 async def test_a_killed_gateways_slots_come_back_within_the_lease_ttl(

@@ -279,6 +279,22 @@ def test_external_load_reported_by_the_upstream_limits_the_window() -> None:
     assert dispatched(s.dispatch(0.0)) == []
 
 
+def test_with_leases_a_lagging_scrape_does_not_hold_slots_the_leases_gave() -> None:
+    """With Redis the other gateways are counted exactly (``shared``); what vLLM's gauge shows
+    beyond that is clients that are not gateways, or the gauge lagging behind requests that
+    just ended. Holding that count at its peak for seconds kept gateway B out of the two slots
+    its lease gave it while gateway A ran its second round (a fresh-clone run: B's requests
+    started only after all of A's had ended). With a lease the latest reading counts; without
+    one, the recent peak (another gateway's refill gap must not look free)."""
+    window = Window("u0", 4, lease=2, shared=2)
+    window.see_others(latest=0, peak=2)  # the gauge still showed A's finished round
+    assert window.external == 0
+    assert window.has_room(0)
+    alone = Window("u0", 4)
+    alone.see_others(latest=0, peak=2)
+    assert alone.external == 2
+
+
 def test_predicted_wait_and_retry_after_follow_the_drain_rate() -> None:
     s = scheduler(window=1)
     assert s.predicted_wait(STD, 0.0) == 0.0  # a free slot: no wait
