@@ -207,6 +207,9 @@ async def test_two_gateways_sharing_one_vllm_see_each_others_load(
         # clone CI run timed out here at 30 s once; the test passed locally in 85 s in all).
         async with asyncio.timeout(90):
             while await metric(b, f'gateway_upstream_running{{upstream="{label}"}}') < 2:
+                # A fresh-clone run timed out here at 90 s with nothing to say why: say it.
+                ended = [t.result() for t in a_work if t.done()]
+                assert not ended, f"A's work ended before B saw it: {[r.text for r in ended]}"
                 await asyncio.sleep(0.05)  # B's scrape sees A's work
         b_work = [batch(b, 2000) for _ in range(3)]
         # B sends two and holds the third: A's work takes two. 30 s, not 10: a fresh-clone run
