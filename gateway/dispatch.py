@@ -51,12 +51,7 @@ class Dispatcher:
         admission = self.scheduler.admit(ticket, self.now())
         if isinstance(admission, Rejected):
             self._pausers.pop(ticket, None)  # it never runs: nothing to pause
-            self._metrics.rejections.labels(ticket.policy.name, admission.reason).inc()
-            raise RateLimited(
-                f"{admission.message}; retry after {admission.retry_after_s} s",
-                code=admission.reason,
-                retry_after_s=admission.retry_after_s,
-            )
+            raise self._refusal(ticket, admission)
         for victim in admission.shed:
             self._shed(victim)
         await self._wait(ticket)
@@ -122,15 +117,9 @@ class Dispatcher:
     def _expire(self, expiry: Expiry) -> None:
         ticket = expiry.ticket
         if expiry.stage == "sla":  # a refusal the client can retry, not a timeout
-            self._metrics.rejections.labels(ticket.policy.name, "sla_unreachable").inc()
+            why = "the request could not start within its task's time to first token (sla_ttft_s)"
             retry = self.scheduler.retry_after(ticket.policy, self.now())
-            error: GatewayError = RateLimited(
-                "the request could not start within its task's time to first token "
-                f"(sla_ttft_s); retry after {retry} s",
-                code="sla_unreachable",
-                retry_after_s=retry,
-            )
-            self._resolve(ticket, error)
+            self._resolve(ticket, self._refusal(ticket, Rejected("sla_unreachable", why, retry)))
             return
         self._metrics.deadline_exceeded.labels(ticket.task, expiry.stage).inc()
         if expiry.stage == "queue":
@@ -138,6 +127,15 @@ class Dispatcher:
         else:
             message = "too little of the request's deadline was left to start it upstream"
         self._resolve(ticket, DeadlineExceeded(message, stage=expiry.stage))
+
+    def _refusal(self, ticket: Ticket, rejected: Rejected) -> RateLimited:
+        """The 429 for a ticket turned away (at the door or, unsent, from the queue), counted."""
+        self._metrics.rejections.labels(ticket.policy.name, rejected.reason).inc()
+        return RateLimited(
+            f"{rejected.message}; retry after {rejected.retry_after_s} s",
+            code=rejected.reason,
+            retry_after_s=rejected.retry_after_s,
+        )
 
     def _shed(self, ticket: Ticket) -> None:
         self._metrics.shed.labels(ticket.policy.name).inc()

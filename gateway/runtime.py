@@ -160,12 +160,10 @@ def build_runtime(
         window = scheduler.windows[name]
         if load is None:
             window.external = 0
-        else:
-            window.see_others(latest=load.others, peak=load.external)
-        if load is None:
             metrics.set_upstream_load(name, 0.0, 0.0, 0.0)
             sizing.decoded(name, dispatcher.now(), None, None)
         else:
+            window.see_others(latest=load.others, peak=load.external)
             metrics.set_upstream_load(name, load.running, load.waiting, load.kv_cache_usage or 0.0)
             sizing.decoded(name, load.at, load.decode_s, load.decode_tokens)
         dispatcher.kick()
