@@ -32,6 +32,19 @@ async def metric(c: httpx.AsyncClient, prefix: str) -> float:
     return metric_value((await c.get("/metrics")).text, prefix)
 
 
+async def sample_vllm(url: str, seen: list[float], stop: asyncio.Event) -> None:
+    """vLLM's running + waiting, from one reading of its metrics page at ``url``, every 50 ms
+    (a busy vLLM answers slowly: then less often), until ``stop`` is set. With
+    ``--max-num-seqs`` equal to the gateway's window, running alone could never exceed it: the
+    sum is what shows the gateway put more on vLLM than the window."""
+    async with httpx.AsyncClient(base_url=url, timeout=30) as c:
+        while not stop.is_set():
+            text = (await c.get("/metrics")).text
+            running = metric_value(text, "vllm:num_requests_running")
+            seen.append(running + metric_value(text, "vllm:num_requests_waiting"))
+            await asyncio.sleep(0.05)
+
+
 def assert_envelope(
     response: httpx.Response, status: int, code: str | None = None
 ) -> dict[str, Any]:

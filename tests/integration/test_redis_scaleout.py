@@ -19,7 +19,7 @@ from gateway.auth import hash_key
 from tests.integration.test_vllm_scheduling import GO
 from tests.redis_server import RedisServer, redis_server
 from tests.servers import gateway_process_handle, server_timing_ms
-from tests.support import metric, metric_value
+from tests.support import metric, sample_vllm
 from tests.vllm_server import OUTPUT, VllmServer, free_port
 
 TTL_S = 5.0  # gateway.shared.RedisLink's default lease TTL
@@ -56,17 +56,6 @@ def batch(c: httpx.AsyncClient, max_tokens: int) -> asyncio.Task[httpx.Response]
     return asyncio.create_task(c.post("/v1/chat/completions", json=body))
 
 
-async def sample_vllm(vllm: VllmServer, seen: list[float], stop: asyncio.Event) -> None:
-    """vLLM's running + waiting, from one reading of its metrics page, every 50 ms (a busy
-    vLLM answers slowly: then less often)."""
-    async with httpx.AsyncClient(base_url=vllm.url, timeout=30) as c:
-        while not stop.is_set():
-            text = (await c.get("/metrics")).text
-            running = metric_value(text, "vllm:num_requests_running")
-            seen.append(running + metric_value(text, "vllm:num_requests_waiting"))
-            await asyncio.sleep(0.05)
-
-
 async def timed(c: httpx.AsyncClient, max_tokens: int) -> tuple[float, float, httpx.Response]:
     """A batch request and when it ran at the upstream, on this process' clock: from its
     dispatch (sent + the gateway's queue time, Server-Timing) to its answer."""
@@ -87,7 +76,7 @@ async def test_two_gateways_never_put_more_than_the_window_on_vllm(
         b, _ = await start(stack, args(vllm, redis), "window-b")
         seen: list[float] = []
         stop = asyncio.Event()
-        sampler = asyncio.create_task(sample_vllm(vllm, seen, stop))
+        sampler = asyncio.create_task(sample_vllm(vllm.url, seen, stop))
         work = [asyncio.create_task(timed(c, 200)) for c in (a, b) for _ in range(6)]
         redis_up: list[float] = []
         while not all(t.done() for t in work):

@@ -18,7 +18,7 @@ import httpx
 from gateway.config import Config, default_config_path, parse_config
 from tests.integration.conftest import GatewayFactory
 from tests.servers import server_timing_ms
-from tests.support import metric
+from tests.support import metric, sample_vllm, until
 from tests.vllm_server import VllmServer
 
 GO = [{"role": "user", "content": "go"}]
@@ -68,23 +68,25 @@ async def test_realtime_overtakes_a_batch_backlog(
                 await asyncio.sleep(0.05)
             while await vllm_running(vllm) < 4:  # every slot runs batch work
                 await asyncio.sleep(0.05)
-        peak = 0.0
-
-        async def sample() -> None:  # vLLM's own count, while the slot changes hands
-            nonlocal peak
-            while True:
-                peak = max(peak, await vllm_running(vllm))
-
-        sampler = asyncio.create_task(sample())
+        # vLLM's own count while the slot changes hands. At least one reading before the
+        # sentiment is sent and one after its answer: a CI run's sampler, cancelled when the
+        # answer came, had not finished one reading (so its check compared nothing).
+        seen: list[float] = []
+        stop = asyncio.Event()
+        sampler = asyncio.create_task(sample_vllm(vllm.url, seen, stop))
+        await until(lambda: len(seen) >= 1)
         sentiment = await call("sentiment", 8)
-        sampler.cancel()
+        after = len(seen)
+        await until(lambda: len(seen) > after)
+        stop.set()
+        await sampler
         assert sentiment.status_code == 200
         assert sentiment.json()["choices"][0]["message"]["content"] in ("positive", "negative")
         assert (
             server_timing_ms(sentiment.headers, "queue") < 100
         )  # it never waited behind the backlog
         assert await metric(c, 'gateway_preemptions_total{priority_class="batch"}') >= 1
-        assert 0 < peak <= 4  # the paused request left vLLM before the sentiment came in
+        assert max(seen) <= 4, seen  # the paused request left vLLM before the sentiment came in
         assert all(r.status_code == 200 for r in await asyncio.gather(*backlog))
         # It overtook batch work that was running and waiting before it came.
         assert done.index("sentiment") == 0, done
