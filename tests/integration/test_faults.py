@@ -205,11 +205,20 @@ async def test_two_gateways_sharing_one_vllm_see_each_others_load(
         label = upstream_label(vllm)
         # Generous: on a fresh machine vLLM's first long generations start slowly (a fresh-
         # clone CI run timed out here at 30 s once; the test passed locally in 85 s in all).
+        b_saw: list[float] = []  # B's readings of the upstream's running count, in order
         async with asyncio.timeout(90):
-            while await metric(b, f'gateway_upstream_running{{upstream="{label}"}}') < 2:
-                # A fresh-clone run timed out here at 90 s with nothing to say why: say it.
+            while True:
+                b_saw.append(await metric(b, f'gateway_upstream_running{{upstream="{label}"}}'))
+                if b_saw[-1] >= 2:
+                    break
+                # A fresh-clone run timed out here at 90 s with nothing to say why: say it,
+                # with when A's requests ran (queue and upstream times) and what B read.
                 ended = [t.result() for t in a_work if t.done()]
-                assert not ended, f"A's work ended before B saw it: {[r.text for r in ended]}"
+                assert not ended, (
+                    "A's work ended before B saw it: "
+                    f"{[(r.status_code, r.headers.get('server-timing')) for r in ended]}, "
+                    f"B read {len(b_saw)} times, the last {b_saw[-20:]}"
+                )
                 await asyncio.sleep(0.05)  # B's scrape sees A's work
         b_work = [batch(b, 2000) for _ in range(3)]
         # B sends two and holds the third: A's work takes two. 30 s, not 10: a fresh-clone run
