@@ -22,8 +22,9 @@ import pytest
 
 from gateway.settings import Settings
 from tests.integration.conftest import GatewayFactory
-from tests.integration.test_vllm_scheduling import GO, metric, vllm_running
+from tests.integration.test_vllm_scheduling import GO, metric, table, vllm_running
 from tests.servers import gateway_process, running_gateway, server_timing_ms
+from tests.support import metric_value
 from tests.vllm_server import OUTPUT, SHARED_CPU, VllmServer, free_port, model_dir
 
 LONG_STREAM = {"model": "chat", "messages": GO, "max_tokens": 1000, "stream": True}
@@ -183,9 +184,10 @@ async def test_two_gateways_sharing_one_vllm_see_each_others_load(
     tested with a fake, keeps B out of it; that is not deterministic on real vLLM).
     """
     b_args = ["--upstreams", vllm.url, "--window", str(vllm.max_num_seqs), "--window-mode", "fixed"]
-    b_args += ["--health-interval", "0.5", "--access-log", "off", "--log-level", "warning"]
+    # B's access log (in its log file) says when each of its requests came, waited and ran.
+    b_args += ["--health-interval", "0.5", "--access-log", "on", "--log-level", "warning"]
     async with (
-        start_gateway(vllm) as a_url,
+        start_gateway(vllm, table(tasks={"batch": {"max_tokens_limit": 4000}})) as a_url,
         gateway_process(b_args, free_port(), OUTPUT / "gateway-faults-b.log") as b_url,
         httpx.AsyncClient(base_url=a_url, timeout=300) as a,
         httpx.AsyncClient(base_url=b_url, timeout=300) as b,
@@ -201,7 +203,9 @@ async def test_two_gateways_sharing_one_vllm_see_each_others_load(
         # Compile the label grammar first: on a quiet machine that can take longer than the
         # tiny model needs for a long generation.
         assert (await b.post("/v1/chat/completions", json=sentiment(-1))).status_code == 200
-        a_work = [batch(a, 2000) for _ in range(2)]
+        # 4000 tokens (A's table allows them), twice B's: two fresh-clone runs saw A's work
+        # end, or B's requests reach B only after it ended, on a host stalled for seconds.
+        a_work = [batch(a, 4000) for _ in range(2)]
         label = upstream_label(vllm)
         # Generous: on a fresh machine vLLM's first long generations start slowly (a fresh-
         # clone CI run timed out here at 30 s once; the test passed locally in 85 s in all).
@@ -224,9 +228,30 @@ async def test_two_gateways_sharing_one_vllm_see_each_others_load(
         # B sends two and holds the third: A's work takes two. 30 s, not 10: a fresh-clone run
         # timed out at 10 s while these two tiny-model servers stall other processes for
         # seconds (see test_redis_scaleout); had B sent all three, the depth stays 0 anyway.
-        async with asyncio.timeout(30):
-            while await metric(b, 'gateway_queue_depth{priority_class="batch"}') < 1:
-                await asyncio.sleep(0.05)
+        held: list[tuple[float, float, float, float]] = []  # (s, queued, in flight, running)
+        start = time.monotonic()
+        try:
+            async with asyncio.timeout(30):
+                while True:
+                    text = (await b.get("/metrics")).text
+                    held.append(
+                        (
+                            round(time.monotonic() - start, 2),
+                            metric_value(text, 'gateway_queue_depth{priority_class="batch"}'),
+                            metric_value(text, f'gateway_inflight_requests{{upstream="{label}"}}'),
+                            metric_value(text, f'gateway_upstream_running{{upstream="{label}"}}'),
+                        )
+                    )
+                    if held[-1][1] >= 1:
+                        break
+                    await asyncio.sleep(0.05)
+        except TimeoutError:  # a fresh-clone run failed here with nothing to say why: say it
+            changes = [h for i, h in enumerate(held) if i == 0 or h[1:] != held[i - 1][1:]]
+            a_ended = [t.done() for t in a_work]
+            pytest.fail(
+                f"B never held one back; (s, queued, in flight, running): {changes}; "
+                f"A's work done: {a_ended}; B's: {[t.done() for t in b_work]}"
+            )
         assert await metric(b, f'gateway_inflight_requests{{upstream="{label}"}}') == 2
 
         for i in range(3):
@@ -242,3 +267,4 @@ async def test_two_gateways_sharing_one_vllm_see_each_others_load(
 
         results = await asyncio.gather(*a_work, *b_work)
         assert [r.status_code for r in results] == [200] * 5
+        assert [r.json()["usage"]["completion_tokens"] for r in results[:2]] == [4000, 4000]
