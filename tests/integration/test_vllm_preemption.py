@@ -12,8 +12,11 @@ up to 2.1 s; the test process's event loop, which runs client and gateway, for u
 Loopback socket buffers also hold a whole answer, so a client that sends a label after its
 20th chunk may be reading chunks relayed long ago, from a generation already over. With a
 300-token answer and two labels at chunks 20 and 120, the batch request sometimes finished
-before the second label reached the gateway. The answer is now 1500 tokens (about 15 s here)
-and the label task's deadlines are loosened, since a stall can outlast its 2 s queue
+before the second label reached the gateway. The answer was then 1500 tokens, and a
+fresh-clone run still saw one stream end unpaused, and another the non-streamed answer end
+before the test saw it dispatched (1500 tokens take 5.8 s alone on a warm server here);
+it is now 3000 (above the batch task's 2048 cap, raised for this test), and the label task's
+deadlines are loosened, since a stall can outlast its 2 s queue
 deadline: what is tested here is the pause, not the deadline. (Whether a
 resumed answer equals the uninterrupted one token for token is checked on the real model,
 in the e2e tier: this model's random output does not survive a round trip through text.)
@@ -35,7 +38,7 @@ from tests.vllm_server import VllmServer
 
 WRITE = [{"role": "user", "content": "Write a long story."}]
 SENTIMENT = {"model": "sentiment", "messages": [{"role": "user", "content": "I love it"}]}
-TOKENS = 1500
+TOKENS = 3000
 PAUSES = 'gateway_preemptions_total{priority_class="batch"}'
 INFLIGHT = 'gateway_inflight_requests{upstream="'
 RESUMED = 'gateway_resumed_tokens_total{priority_class="batch"}'
@@ -44,7 +47,8 @@ RESUMED = 'gateway_resumed_tokens_total{priority_class="batch"}'
 def patient_labels() -> Config:
     config = load_config()
     sentiment = replace(config.tasks["sentiment"], queue_deadline_s=30.0, deadline_s=60.0)
-    return replace(config, tasks={**config.tasks, "sentiment": sentiment})
+    batch = replace(config.tasks["batch"], max_tokens_limit=TOKENS)
+    return replace(config, tasks={**config.tasks, "sentiment": sentiment, "batch": batch})
 
 
 async def label(c: httpx.AsyncClient) -> None:
