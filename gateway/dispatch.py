@@ -129,7 +129,7 @@ class Dispatcher:
         self._resolve(ticket, DeadlineExceeded(message, stage=expiry.stage))
 
     def _refusal(self, ticket: Ticket, rejected: Rejected) -> RateLimited:
-        """The 429 for a ticket turned away (at the door or, unsent, from the queue), counted."""
+        """The 429 for a ticket turned away (at the door, or from the queue), counted."""
         self._metrics.rejections.labels(ticket.policy.name, rejected.reason).inc()
         return RateLimited(
             f"{rejected.message}; retry after {rejected.retry_after_s} s",
